@@ -1,0 +1,35 @@
+# sprbot's entry points. `make run` and `make test` are the README's quickstart.
+PYTHON ?= python3
+VENV ?= .venv
+IPEX_VENV ?= .venv-ipex
+# The CPU build of torch: installed before the project, so that the project's torch range is
+# already satisfied and pip never pulls the multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install run test test-ipex lint bench-inference clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed  ## set up .venv with the project and its dev tools
+
+run: install  ## chat with the offline demo model in the terminal
+	$(BIN)/sprbot chat --demo
+
+test: install  ## run the test suite (pytest exits non-zero when it collects no test)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(IPEX_VENV) .pytest_cache .ruff_cache

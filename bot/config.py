@@ -1,0 +1,123 @@
+"""Settings: every knob is a ``SPRBOT_`` environment variable (a ``.env`` file works too).
+
+One ``Settings`` object is built per process, at the composition root (the CLI), and passed
+down. ``load_settings`` turns pydantic's validation errors into one line per bad variable,
+naming the variable and never echoing a secret.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bot.errors import SprbotError
+
+ENV_PREFIX = "SPRBOT_"
+DEFAULT_MODEL = "Intel/neural-chat-7b-v3-3"
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "sprbot"
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class SettingsError(SprbotError, ValueError):
+    """A setting has a value that cannot be used. The message names the variable."""
+
+
+class Settings(BaseSettings):
+    """sprbot's configuration. Field ``x`` is read from ``SPRBOT_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Storage and model
+    redis_url: str | None = Field(
+        None, description="Redis URL (redis://, rediss://, unix://). Unset: embedded server."
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir, description="State and models.")
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local directory.")
+    dtype: Literal["bfloat16", "float32", "auto"] = Field(
+        "auto", description="auto: bf16 where the CPU has native bf16, else fp32."
+    )
+    do_sample: bool = Field(True, description="Sample (True) or decode greedily (False).")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest reply, in tokens.")
+    faq_grounding: Literal["on", "off"] = Field(
+        "on", description="Answer close FAQ questions straight from the FAQ store."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Telegram
+    telegram_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org/bot"
+    telegram_admins: CommaList = Field(default_factory=list)
+    telegram_webhook_url: str | None = None
+    telegram_webhook_secret: SecretStr | None = None
+
+    # Slack
+    slack_bot_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_api_url: str = "https://slack.com/api/"
+    slack_admins: CommaList = Field(default_factory=list)
+    slack_port: int = Field(3000, ge=1, le=65535)
+
+    # Web
+    web_port: int = Field(8080, ge=1, le=65535)
+    web_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    @field_validator("telegram_admins", "slack_admins", "web_api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    def redacted(self) -> dict[str, str]:
+        """Effective values as strings, secrets masked, for ``sprbot config show``."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            shown[ENV_PREFIX + name.upper()] = _redact(getattr(self, name))
+        return shown
+
+
+def _redact(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return "****** (set)" if value.get_secret_value() else "(empty)"
+    if isinstance(value, list):
+        return ",".join(_redact(v) for v in value) if value else "(none)"
+    if value is None:
+        return "(unset)"
+    if isinstance(value, str) and "@" in value and "://" in value:
+        # A URL such as redis://user:password@host carries a password: keep the host only.
+        scheme, rest = value.split("://", 1)
+        return f"{scheme}://******@{rest.rsplit('@', 1)[1]}"
+    return str(value)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, or raise ``SettingsError`` naming each invalid variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            variable = ENV_PREFIX + field.upper()
+            secret = field.endswith(("token", "secret", "keys"))
+            shown = "" if secret else f"={error.get('input')!r}"
+            problems.append(f"{variable}{shown}: {error['msg']}")
+        raise SettingsError("invalid setting " + "; ".join(problems)) from None

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny offline model, an isolated data dir and the embedded Redis server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing in the suite may reach the Hugging Face Hub: fail fast instead of retrying.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for name in list(os.environ):
+    if name.startswith("SPRBOT_"):
+        del os.environ[name]  # the developer's own settings must not leak into tests
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init tiny Llama with a locally trained tokenizer, made once per session."""
+    from inference.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SPRBOT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def embedded_redis(data_dir: Path):
+    """The embedded Redis server of a fresh data dir, shut down after the test."""
+    from bot.connection import EmbeddedRedis
+
+    server = EmbeddedRedis(data_dir)
+    server.ensure_running()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cli():
+    """Run the real ``sprbot`` console script in a subprocess; returns CompletedProcess."""
+    exe = shutil.which("sprbot", path=str(Path(sys.executable).parent))
+    assert exe, "the sprbot console script is not installed in this environment"
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600, stdin=None):
+        return subprocess.run(
+            [exe, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=stdin,
+            env={**os.environ, **(env or {})},
+        )
+
+    return run

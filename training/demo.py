@@ -1,0 +1,136 @@
+"""The offline demo model: a tiny Llama taught the bundled sample FAQ.
+
+No model can be downloaded here, so the quickstart makes one: ``init_tiny`` writes a random
+tiny model, and a short full fine-tune on ``data/sample_faq.json`` (chat template, loss on the
+answer tokens only) runs until greedy decoding reproduces every answer. It knows those twelve
+answers and nothing else: it shows the pipeline working, not a useful assistant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAMPLE_FAQ = Path(__file__).parent / "data" / "sample_faq.json"
+DEMO_NOTE = """# sprbot offline demo model
+
+This is NOT a real language model. It is a {params}-parameter Llama initialised at random by
+`sprbot model init-tiny` and then trained for a minute on sprbot's bundled sample FAQ
+({rows} questions). It answers those questions and produces nonsense for anything else.
+
+Point sprbot at a real model with `SPRBOT_MODEL=<Hugging Face id or local folder>`, e.g.
+`SPRBOT_MODEL=Intel/neural-chat-7b-v3-3`.
+"""
+
+
+def load_pairs(path: Path = SAMPLE_FAQ) -> list[tuple[str, str]]:
+    rows = json.loads(path.read_text())
+    return [(r["instruction"], r["output"]) for r in rows]
+
+
+def _encode(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of the whole exchange, and where the answer starts."""
+    turns = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [*turns, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    full_ids = tokenizer(full, add_special_tokens=False).input_ids
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("the chat template does not extend the prompt; cannot mask it")
+    return full_ids, len(prompt_ids)
+
+
+@torch.no_grad()
+def _recall(model, tokenizer, pairs: list[tuple[str, str]]) -> int:
+    """How many answers greedy decoding reproduces exactly."""
+    hits = 0
+    for question, answer in pairs:
+        ids, start = _encode(tokenizer, question, answer)
+        prompt = torch.tensor([ids[:start]])
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=len(ids) - start + 4,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text = tokenizer.decode(out[0, start:], skip_special_tokens=True)
+        hits += text.strip() == answer
+    return hits
+
+
+def build_demo_model(
+    outdir: str | Path,
+    *,
+    max_steps: int = 1500,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Path:
+    """Make the demo model in ``outdir`` (written atomically: a half-built one never shows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference.tiny import init_tiny
+
+    outdir = Path(outdir)
+    staging = outdir.with_name(outdir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    init_tiny(staging, size="tiny", seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(staging)
+    model = AutoModelForCausalLM.from_pretrained(staging)
+    pairs = load_pairs()
+
+    encoded = [_encode(tokenizer, q, a) for q, a in pairs]
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    labels = torch.full((len(encoded), width), -100)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, start : len(ids)] = torch.tensor(ids[start:])
+        attention[row, : len(ids)] = 1
+
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    started = time.perf_counter()
+    for step in range(1, max_steps + 1):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if progress:
+            progress(step, max_steps, loss.item())
+        if step % 50 == 0 and loss.item() < 0.05:
+            model.eval()
+            if _recall(model, tokenizer, pairs) == len(pairs):
+                break
+            model.train()
+    model.eval()
+    recalled = _recall(model, tokenizer, pairs)
+    log.info(
+        "demo model: %d/%d answers after %d steps, %.0fs",
+        recalled,
+        len(pairs),
+        step,
+        time.perf_counter() - started,
+    )
+    model.save_pretrained(staging)
+    params = sum(p.numel() for p in model.parameters())
+    (staging / "README.md").write_text(DEMO_NOTE.format(params=f"{params / 1e6:.1f}M", rows=len(pairs)))
+    marker = json.loads((staging / "sprbot.json").read_text())
+    marker.update(kind="demo", recalled=recalled, questions=len(pairs), steps=step)
+    (staging / "sprbot.json").write_text(json.dumps(marker))
+    shutil.rmtree(outdir, ignore_errors=True)
+    staging.rename(outdir)
+    return outdir
