@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from bot.config import Settings
 
@@ -95,7 +97,9 @@ class EmbeddedRedis:
         """Shut the server down, writing its data first."""
         if self.is_running():
             try:
-                redis.Redis(unix_socket_path=str(self.socket)).shutdown(save=True)
+                # No retries: the server drops the connection as it exits, as it should.
+                client = redis.Redis(unix_socket_path=str(self.socket), retry=Retry(NoBackoff(), 0))
+                client.shutdown(save=True)
             except redis.ConnectionError:
                 pass  # the server closes the connection as it exits
 
