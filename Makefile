@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed  ## set up .venv with the project and its dev tools
 
 run: install  ## chat with the offline demo model in the terminal
-	$(BIN)/sprbot chat --demo
+	$(BIN)/sprbot up --demo
 
 test: install  ## run the test suite (pytest exits non-zero when it collects no test)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -79,7 +79,9 @@ def measure_engine(path: Path, dtype: str, args: argparse.Namespace) -> dict[str
                 first = time.perf_counter()
         end = time.perf_counter()
         if i:  # the first run is the warm-up
-            runs.append({"first_token_s": first - started, "decode_tok_s": (count - 1) / (end - first)})
+            runs.append(
+                {"first_token_s": first - started, "decode_tok_s": (count - 1) / (end - first)}
+            )
     info = bot.info()
     return {
         "engine": f"sprbot ({info['backend']})",
@@ -97,9 +99,8 @@ def measure_engine(path: Path, dtype: str, args: argparse.Namespace) -> dict[str
 
 def measure_ceiling(path: Path, dtype: str, threads: int) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from roofline import kernel_ceiling
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return kernel_ceiling(model, getattr(torch, dtype), threads=threads)
@@ -108,9 +109,20 @@ def measure_ceiling(path: Path, dtype: str, threads: int) -> dict[str, Any]:
 def measure_in(python: str, path: Path, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``measure_engine`` in another interpreter (the IPEX virtualenv)."""
     cmd = [
-        python, __file__, "--engine-only", str(path), "--dtype", dtype,
-        "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-        "--prompt-tokens", str(args.prompt_tokens), "--repeats", str(args.repeats),
+        python,
+        __file__,
+        "--engine-only",
+        str(path),
+        "--dtype",
+        dtype,
+        "--threads",
+        str(args.threads),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--repeats",
+        str(args.repeats),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -154,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             import llamacpp
 
             gguf = llamacpp.convert_to_gguf(path, llamacpp.default_gguf_path(path))
-            run = llamacpp.decode_benchmark(gguf, args.prompt_tokens, new_tokens=args.new_tokens,
-                                            threads=args.threads, repeats=args.repeats)
+            run = llamacpp.decode_benchmark(
+                gguf,
+                args.prompt_tokens,
+                new_tokens=args.new_tokens,
+                threads=args.threads,
+                repeats=args.repeats,
+            )
             run["dtype"] = "bfloat16"
             run["first_token_s"] = run["first_token_latency_s"]
             run["weight_bytes"] = entry["engines"][1]["weight_bytes"]
@@ -164,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["llamacpp_decode_tok_s"] = run["decode_tok_s"]
         by = {(e["engine"], e["dtype"]): e for e in entry["engines"]}
         stock_bf16 = by[("sprbot (stock)", "bfloat16")]
-        entry["bf16_over_fp32"] = stock_bf16["decode_tok_s"] / by[("sprbot (stock)", "float32")]["decode_tok_s"]
+        entry["bf16_over_fp32"] = (
+            stock_bf16["decode_tok_s"] / by[("sprbot (stock)", "float32")]["decode_tok_s"]
+        )
         for engine in entry["engines"]:
             if "llamacpp_decode_tok_s" in entry:
                 engine["over_llamacpp"] = engine["decode_tok_s"] / entry["llamacpp_decode_tok_s"]

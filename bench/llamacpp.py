@@ -118,21 +118,9 @@ def ensure_sdist(cache_dir: StrPath | None = None, version: str = LLAMA_CPP_PYTH
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".download-") as tmp:
-        _run_logged(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-binary",
-                ":all:",
-                "--no-deps",
-                f"llama-cpp-python=={version}",
-                "-d",
-                tmp,
-            ],
-            _log_path(cache, "pip-download"),
-        )
+        pip = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"]
+        log = _log_path(cache, "pip-download")
+        _run_logged([*pip, f"llama-cpp-python=={version}", "-d", tmp], log)
         (tarball,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
         out = Path(tmp) / "x"
         with tarfile.open(tarball) as tf:
@@ -227,25 +215,11 @@ def convert_to_gguf(
     python = converter_python(cache)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(llama_dir / "gguf-py"), os.environ.get("PYTHONPATH")])
-        ),
-    }
-    _run_logged(
-        [
-            python,
-            str(llama_dir / "convert_hf_to_gguf.py"),
-            str(hf),
-            "--outtype",
-            outtype,
-            "--outfile",
-            str(partial),
-        ],
-        _log_path(cache, f"convert-{hf.name}"),
-        env=env,
-    )
+    pythonpath = [str(llama_dir / "gguf-py"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, pythonpath))}
+    converter = str(llama_dir / "convert_hf_to_gguf.py")
+    cmd = [python, converter, str(hf), "--outtype", outtype, "--outfile", str(partial)]
+    _run_logged(cmd, _log_path(cache, f"convert-{hf.name}"), env=env)
     partial.replace(out)
     return out
 
@@ -299,15 +273,9 @@ def decode_benchmark(
     n_prompt = prompt_tokens if isinstance(prompt_tokens, int) else len(prompt_tokens)
     n_ctx = -(-(n_prompt + new_tokens + 8) // 256) * 256
     settings = dict(
-        n_ctx=n_ctx,
-        n_batch=512,
-        n_ubatch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        use_mmap=False,
-        use_mlock=False,
-        flash_attn=flash_attn,
-    )
+        n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+        use_mmap=False, use_mlock=False, flash_attn=flash_attn,
+    )  # fmt: skip
     load_before = os.getloadavg()[0]
     t_load = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(gguf_path), seed=seed, verbose=False, **settings)
@@ -350,6 +318,7 @@ def decode_benchmark(
     return {
         "engine": "llama.cpp via llama-cpp-python",
         "llama_cpp_python": llama_cpp.__version__,
+        "same_version_as_sdist": llama_cpp.__version__ == LLAMA_CPP_PYTHON_VERSION,
         "gguf": str(gguf_path),
         "threads": threads,
         "prompt_tokens": len(prompt),
@@ -466,28 +435,11 @@ def server_benchmark(
     base = f"http://127.0.0.1:{port}"
     n_ctx = parallel * (-(-(prompt_tokens + new_tokens + 8) // 256) * 256)
     cmd = [
-        str(binary),
-        "-m",
-        str(gguf_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--parallel",
-        str(parallel),
-        "--cont-batching",
-        "-c",
-        str(n_ctx),
-        "-t",
-        str(threads),
-        "-tb",
-        str(threads),
-        "--load-mode",
-        "none",
-        "-fa",
-        "on" if flash_attn else "off",
-        "--no-webui",
-    ]
+        str(binary), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port),
+        "--parallel", str(parallel), "--cont-batching", "-c", str(n_ctx),
+        "-t", str(threads), "-tb", str(threads), "--load-mode", "none",
+        "-fa", "on" if flash_attn else "off", "--no-webui",
+    ]  # fmt: skip
     load_before = os.getloadavg()[0]
     log = _log_path(cache, f"llama-server-{port}")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -518,13 +470,9 @@ def server_benchmark(
         def one(i: int, n_predict: int) -> dict[str, Any]:
             body = {
                 "prompt": _prompt(prompt_tokens, n_vocab, bos, seed=1000 + i),
-                "n_predict": n_predict,
-                "ignore_eos": True,
-                "cache_prompt": False,
-                "temperature": 0.0,
-                "top_k": 1,
-                "stream": False,
-            }
+                "n_predict": n_predict, "ignore_eos": True, "cache_prompt": False,
+                "temperature": 0.0, "top_k": 1, "stream": False,
+            }  # fmt: skip
             status, resp = _http_json(base + "/completion", body)
             if status != 200 or not resp:
                 raise RuntimeError(f"/completion returned HTTP {status}; see {log}")
@@ -538,19 +486,15 @@ def server_benchmark(
                 timings = list(pool.map(lambda i: one(i, new_tokens), range(clients)))
                 wall = time.perf_counter() - t0
                 steps = sum(t["predicted_n"] - 1 for t in timings)
-                rounds.append(
-                    dict(
-                        aggregate_decode_tok_s=steps
-                        / (max(t["predicted_ms"] for t in timings) / 1e3),
-                        wall_tok_s=sum(t["predicted_n"] for t in timings) / wall,
-                        wall_s=wall,
-                        per_client_decode_tok_s=[
-                            round(t["predicted_per_second"], 2) for t in timings
-                        ],
-                        predicted_n=[t["predicted_n"] for t in timings],
-                        max_prompt_ms=max(t["prompt_ms"] for t in timings),
-                    )
-                )
+                decode_window_s = max(t["predicted_ms"] for t in timings) / 1e3
+                rounds.append({
+                    "aggregate_decode_tok_s": steps / decode_window_s,
+                    "wall_tok_s": sum(t["predicted_n"] for t in timings) / wall,
+                    "wall_s": wall,
+                    "client_tok_s": [round(t["predicted_per_second"], 2) for t in timings],
+                    "predicted_n": [t["predicted_n"] for t in timings],
+                    "max_prompt_ms": max(t["prompt_ms"] for t in timings),
+                })  # fmt: skip
     finally:
         proc.terminate()  # SIGTERM: llama-server shuts down gracefully
         try:
@@ -604,33 +548,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     cache = _cache(args.cache_dir)
-    result: dict[str, Any] = {
-        "model": str(Path(args.model).resolve()),
-        "sdist_version": LLAMA_CPP_PYTHON_VERSION,
-    }
+    result: dict[str, Any] = {"model": str(Path(args.model).resolve())}
+    result["sdist_version"] = LLAMA_CPP_PYTHON_VERSION
     t = time.perf_counter()
     ensure_sdist(cache)
     result["sdist_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    gguf = convert_to_gguf(
-        args.model, default_gguf_path(args.model, args.outtype, cache), args.outtype, cache
-    )
+    gguf_out = default_gguf_path(args.model, args.outtype, cache)
+    gguf = convert_to_gguf(args.model, gguf_out, args.outtype, cache)
     result.update(gguf=str(gguf), convert_s=round(time.perf_counter() - t, 1))
     fa = not args.no_flash_attn
 
     rows: list[tuple[str, str]] = []
     if llamacpp_available():
-        d = decode_benchmark(
-            gguf, args.prompt_tokens, args.new_tokens, args.threads, args.repeats, flash_attn=fa
-        )
+        d = decode_benchmark(gguf, args.prompt_tokens, args.new_tokens, args.threads, args.repeats,
+                             flash_attn=fa)  # fmt: skip
         result["decode"] = d
-        rows += [
-            (
-                "decode tok/s (batch 1, median / best)",
-                f"{d['decode_tok_s']:.2f} / {d['decode_tok_s_best']:.2f}",
-            ),
-            ("first-token latency (median)", f"{d['first_token_latency_s'] * 1e3:.1f} ms"),
-        ]
+        tps = f"{d['decode_tok_s']:.2f} / {d['decode_tok_s_best']:.2f}"
+        rows.append(("decode tok/s (batch 1, median / best)", tps))
+        rows.append(("first-token latency (median)", f"{d['first_token_latency_s'] * 1e3:.1f} ms"))
     else:
         print(INSTALL_HINT, file=sys.stderr)
         rows.append(("decode tok/s (batch 1)", "skipped: llama-cpp-python missing"))
@@ -638,25 +574,13 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         binary = build_llama_server(cache)
         result["server_build_s"] = round(time.perf_counter() - t, 1)
-        s = server_benchmark(
-            gguf,
-            args.parallel,
-            args.clients,
-            args.new_tokens,
-            args.threads,
-            args.prompt_tokens,
-            flash_attn=fa,
-            cache_dir=cache,
-            server_bin=binary,
-        )
+        s = server_benchmark(gguf, args.parallel, args.clients, args.new_tokens, args.threads,
+                             args.prompt_tokens, flash_attn=fa, cache_dir=cache,
+                             server_bin=binary)  # fmt: skip
         result["server"] = s
-        rows += [
-            (
-                f"server aggregate decode tok/s ({args.clients} clients, median / best)",
-                f"{s['aggregate_decode_tok_s']:.2f} / {s['aggregate_decode_tok_s_best']:.2f}",
-            ),
-            ("server wall tok/s (incl. prompts)", f"{s['wall_tok_s']:.2f}"),
-        ]
+        agg = f"{s['aggregate_decode_tok_s']:.2f} / {s['aggregate_decode_tok_s_best']:.2f}"
+        rows.append((f"server aggregate decode tok/s ({args.clients} clients, median / best)", agg))
+        rows.append(("server wall tok/s (incl. prompts)", f"{s['wall_tok_s']:.2f}"))
 
     width = max(len(k) for k, _ in rows)
     shape = f"threads={args.threads}, prompt={args.prompt_tokens}, new={args.new_tokens}"

@@ -33,10 +33,20 @@ from torch import nn
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 SIZES: dict[str, dict[str, int]] = {
-    "1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
-           "num_key_value_heads": 4, "intermediate_size": 5632},
-    "small": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
-              "num_key_value_heads": 4, "intermediate_size": 1408},
+    "1b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "intermediate_size": 5632,
+    },
+    "small": {
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "intermediate_size": 1408,
+    },
 }
 
 
@@ -119,7 +129,11 @@ def memory_copy_bandwidth(
         dst = torch.empty_like(src)
         copy_t = statistics.median(_sweep_seconds(lambda: dst.copy_(src), repeats))
         read_t = statistics.median(_sweep_seconds(lambda: src.sum(), repeats))
-        return {"bytes": nbytes, "copy_gbps": nbytes / copy_t / 1e9, "read_gbps": nbytes / read_t / 1e9}
+        return {
+            "bytes": nbytes,
+            "copy_gbps": nbytes / copy_t / 1e9,
+            "read_gbps": nbytes / read_t / 1e9,
+        }
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -128,8 +142,9 @@ def build_model(size: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """A random-init LlamaForCausalLM of the named size, directly in ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=8000, tie_word_embeddings=False, max_position_embeddings=4096,
-                         **SIZES[size])
+    config = LlamaConfig(
+        vocab_size=8000, tie_word_embeddings=False, max_position_embeddings=4096, **SIZES[size]
+    )
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of a 1B model
@@ -170,10 +185,17 @@ def _run_generate(model: nn.Module, prompt: list[int], gen: Any, seed: int) -> f
     torch.manual_seed(seed)
     with torch.inference_mode():
         model.generate(
-            ids, attention_mask=torch.ones_like(ids), streamer=clock, do_sample=gen.do_sample,
-            temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-            repetition_penalty=gen.repetition_penalty, max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=gen.max_new_tokens, pad_token_id=0,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            streamer=clock,
+            do_sample=gen.do_sample,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            repetition_penalty=gen.repetition_penalty,
+            max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.max_new_tokens,
+            pad_token_id=0,
         )
     return _decode_rate(clock.times)
 
@@ -187,8 +209,9 @@ def _run_generate_ids(model: nn.Module, prompt: list[int], gen: Any, seed: int) 
     return _decode_rate(times)
 
 
-def compare(size: str, dtype_name: str, tokens: int, prompt_len: int, rounds: int,
-            threads: int) -> dict[str, Any]:
+def compare(
+    size: str, dtype_name: str, tokens: int, prompt_len: int, rounds: int, threads: int
+) -> dict[str, Any]:
     """Ceiling, then plain generate vs prepared generate vs generate_ids, interleaved."""
     from types import SimpleNamespace
 
@@ -200,9 +223,18 @@ def compare(size: str, dtype_name: str, tokens: int, prompt_len: int, rounds: in
     ceiling = kernel_ceiling(base, dtype, threads=threads)
     prepared = prepare_for_decoding(copy.deepcopy(base))
     # NeuralChat's defaults (sampling); no EOS so every run decodes exactly `tokens` tokens.
-    gen = SimpleNamespace(temperature=0.1, top_k=40, top_p=0.75, repetition_penalty=1.1,
-                          max_new_tokens=tokens, do_sample=True, num_beams=1)
-    prompt = torch.randint(3, 8000, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    gen = SimpleNamespace(
+        temperature=0.1,
+        top_k=40,
+        top_p=0.75,
+        repetition_penalty=1.1,
+        max_new_tokens=tokens,
+        do_sample=True,
+        num_beams=1,
+    )
+    prompt = torch.randint(
+        3, 8000, (prompt_len,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     runs: dict[str, list[float]] = {"generate": [], "generate_prepared": [], "generate_ids": []}
     _run_generate(base, prompt, gen, 0)  # warm both paths
     _run_generate_ids(prepared, prompt, gen, 0)
@@ -211,14 +243,26 @@ def compare(size: str, dtype_name: str, tokens: int, prompt_len: int, rounds: in
         runs["generate_prepared"].append(_run_generate(prepared, prompt, gen, r))
         runs["generate_ids"].append(_run_generate_ids(prepared, prompt, gen, r))
     wb = ceiling["weight_bytes"]
-    out: dict[str, Any] = {"size": size, "dtype": dtype_name, "threads": threads, "tokens": tokens,
-                           "prompt_len": prompt_len, "rounds": rounds, "ceiling": ceiling}
+    out: dict[str, Any] = {
+        "size": size,
+        "dtype": dtype_name,
+        "threads": threads,
+        "tokens": tokens,
+        "prompt_len": prompt_len,
+        "rounds": rounds,
+        "ceiling": ceiling,
+    }
     for name, rates in runs.items():
         tps = statistics.median(rates)
-        out[name] = {"tokens_per_s": tps, "gbps_equiv": tps * wb / 1e9,
-                     "fraction_of_ceiling": tps * wb / 1e9 / ceiling["gbps"], "runs": rates}
+        out[name] = {
+            "tokens_per_s": tps,
+            "gbps_equiv": tps * wb / 1e9,
+            "fraction_of_ceiling": tps * wb / 1e9 / ceiling["gbps"],
+            "runs": rates,
+        }
     out["speedup_vs_generate"] = statistics.median(
-        a / b for a, b in zip(runs["generate_ids"], runs["generate"], strict=True))
+        a / b for a, b in zip(runs["generate_ids"], runs["generate"], strict=True)
+    )
     del base, prepared
     gc.collect()
     return out
@@ -237,15 +281,22 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"memory": memory_copy_bandwidth(threads=args.threads), "runs": []}
     for name in args.dtypes.split(","):
-        results["runs"].append(compare(args.size, name, args.tokens, args.prompt_len, args.rounds,
-                                       args.threads))
+        results["runs"].append(
+            compare(args.size, name, args.tokens, args.prompt_len, args.rounds, args.threads)
+        )
     mem = results["memory"]
-    print(f"memory: copy {mem['copy_gbps']:.1f} GB/s, read {mem['read_gbps']:.1f} GB/s "
-          f"({args.threads} threads)")
-    print(f"{args.size} Llama, {args.tokens} new tokens after a {args.prompt_len}-token prompt, "
-          f"median of {args.rounds} interleaved runs")
-    head = (f"{'dtype':5} {'weights':>8} {'F.linear':>9} {'packed':>7} | {'loop':18} "
-            f"{'tok/s':>7} {'GB/s eq':>8} {'of ceiling':>10}")
+    print(
+        f"memory: copy {mem['copy_gbps']:.1f} GB/s, read {mem['read_gbps']:.1f} GB/s "
+        f"({args.threads} threads)"
+    )
+    print(
+        f"{args.size} Llama, {args.tokens} new tokens after a {args.prompt_len}-token prompt, "
+        f"median of {args.rounds} interleaved runs"
+    )
+    head = (
+        f"{'dtype':5} {'weights':>8} {'F.linear':>9} {'packed':>7} | {'loop':18} "
+        f"{'tok/s':>7} {'GB/s eq':>8} {'of ceiling':>10}"
+    )
     print(head)
     print("-" * len(head))
     for run in results["runs"]:
@@ -254,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         lead = f"{run['dtype']:5} {c['weight_bytes'] / 1e9:6.2f}GB {c['gbps']:7.1f}GB {packed}"
         for i, name in enumerate(("generate", "generate_prepared", "generate_ids")):
             r = run[name]
-            print(f"{lead if i == 0 else ' ' * len(lead)} | {name:18} {r['tokens_per_s']:7.2f} "
-                  f"{r['gbps_equiv']:8.1f} {r['fraction_of_ceiling']:9.0%}")
+            print(
+                f"{lead if i == 0 else ' ' * len(lead)} | {name:18} {r['tokens_per_s']:7.2f} "
+                f"{r['gbps_equiv']:8.1f} {r['fraction_of_ceiling']:9.0%}"
+            )
         print(f"{'':{len(lead)}} | generate_ids / generate: {run['speedup_vs_generate']:.2f}x")
     if len(results["runs"]) == 2 and {r["dtype"] for r in results["runs"]} == {"bf16", "fp32"}:
         rate = {r["dtype"]: r["generate_ids"]["tokens_per_s"] for r in results["runs"]}

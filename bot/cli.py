@@ -7,6 +7,7 @@ each command, so that a command that needs no model never imports torch.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,8 +25,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration (SPRBOT_* variables and .env).")
 model_app = typer.Typer(help="Make, inspect and try models.")
+worker_app = typer.Typer(help="Background workers.")
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+app.add_typer(worker_app, name="worker")
 
 
 class UserError(SprbotError):
@@ -113,7 +116,9 @@ def model_demo(
 
 @model_app.command("info")
 def model_info(
-    model: Annotated[str | None, typer.Option(help="Model id or folder (default: SPRBOT_MODEL).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model id or folder (default: SPRBOT_MODEL).")
+    ] = None,
     demo: Annotated[bool, typer.Option(help="Use the offline demo model.")] = False,
 ) -> None:
     """Load the model and print device, dtype, backend, template and size."""
@@ -125,7 +130,9 @@ def model_info(
 @app.command()
 def predict(
     query: Annotated[str, typer.Argument(help="The question.")],
-    model: Annotated[str | None, typer.Option(help="Model id or folder (default: SPRBOT_MODEL).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model id or folder (default: SPRBOT_MODEL).")
+    ] = None,
     demo: Annotated[bool, typer.Option(help="Use the offline demo model.")] = False,
 ) -> None:
     """Answer one question, streaming the reply to the terminal."""
@@ -136,55 +143,185 @@ def predict(
     typer.echo()
 
 
-CHAT_HELP = """Commands:
-  /help   show this help
-  /reset  forget this conversation
-  /exit   leave (Ctrl-D works too)"""
+def _bus(settings: Settings):
+    from bot.bus import Bus
+    from bot.connection import connect
+
+    return Bus(
+        connect(settings),
+        max_deliveries=settings.max_deliveries,
+        max_backlog=settings.max_backlog,
+        max_text_chars=settings.max_text_chars,
+    )
+
+
+def _memory(settings: Settings, bus):
+    from bot.memory import ConversationMemory
+
+    return ConversationMemory(bus.redis, ttl_s=settings.memory_ttl_s)
+
+
+@worker_app.command("inference")
+def worker_inference(
+    model: Annotated[
+        str | None, typer.Option(help="Model id or folder (default: SPRBOT_MODEL).")
+    ] = None,
+    demo: Annotated[bool, typer.Option(help="Serve the offline demo model.")] = False,
+) -> None:
+    """Serve chat requests from the bus with the model (continuous batching). Stops
+    cleanly on SIGTERM or Ctrl-C, finishing what it holds."""
+    import signal
+    import threading
+
+    from inference.worker import InferenceWorker, WorkerOptions
+
+    settings = _settings()
+    bus = _bus(settings)
+    chatbot = _load_chatbot(settings, model, demo)
+    worker = InferenceWorker(
+        chatbot,
+        bus,
+        _memory(settings, bus),
+        generation=_generation(settings),
+        options=WorkerOptions(
+            max_batch=settings.max_batch,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            reclaim_idle_ms=settings.reclaim_idle_ms,
+        ),
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker.run(stop)
 
 
 @app.command()
-def chat(
-    model: Annotated[str | None, typer.Option(help="Model id or folder (default: SPRBOT_MODEL).")] = None,
-    demo: Annotated[bool, typer.Option(help="Use the offline demo model.")] = False,
+def chat() -> None:
+    """Chat in the terminal through the bus (start workers first: `sprbot up`).
+    Replies stream as they are generated; /help lists the commands."""
+    _console(_settings())
+
+
+def _console(settings: Settings) -> None:
+    from adapters.console import ConsoleChannel
+
+    bus = _bus(settings)
+    channel = ConsoleChannel(bus, _memory(settings, bus))
+    typer.echo("sprbot chat. /help for commands, Ctrl-D to leave.")
+    try:
+        while True:
+            try:
+                text = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                typer.echo()
+                return
+            if text:
+                typer.echo("bot> ", nl=False)
+                channel.handle(text)
+    finally:
+        channel.close()
+
+
+def _wait_for_worker(settings: Settings, proc, timeout_s: float = 600) -> None:
+    import time
+
+    from inference.worker import WORKER_PREFIX
+
+    client = _bus(settings).redis
+    deadline = time.monotonic() + timeout_s
+    while not client.exists(f"{WORKER_PREFIX}{socket.gethostname()}-{proc.pid}"):
+        if proc.poll() is not None:
+            raise UserError(f"the inference worker exited with code {proc.returncode}; see above")
+        if time.monotonic() > deadline:
+            raise UserError(f"the inference worker did not start within {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+@app.command()
+def up(
+    model: Annotated[
+        str | None, typer.Option(help="Model id or folder (default: SPRBOT_MODEL).")
+    ] = None,
+    demo: Annotated[bool, typer.Option(help="Serve the offline demo model.")] = False,
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--no-chat", help="Open a terminal chat (default: on a TTY)."),
+    ] = None,
 ) -> None:
-    """Chat with the bot in the terminal. Replies stream as they are generated."""
-    from inference import EmptyQueryError, PromptTooLongError
+    """Start everything for one machine: the embedded Redis (unless SPRBOT_REDIS_URL is set)
+    and an inference worker; with a terminal, a chat too. Ctrl-C or SIGTERM stops it all."""
+    import signal
+    import subprocess
+    import time
+
+    from bot.connection import EmbeddedRedis
 
     settings = _settings()
-    chatbot = _load_chatbot(settings, model, demo)
-    generation = _generation(settings)
-    history: list[dict[str, str]] = []
-    typer.echo("sprbot chat. /help for commands, /exit to leave.")
-    while True:
-        try:
-            text = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            typer.echo()
-            return
-        if not text:
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
+    started_redis = embedded is not None and not embedded.is_running()
+    _bus(settings)  # starts the embedded server, and fails early if Redis is unreachable
+    if demo:
+        model = str(_ensure_demo(settings))
+    worker_cmd = [sys.executable, "-m", "bot.cli", "worker", "inference"]
+    if model:
+        worker_cmd += ["--model", model]
+    children = [subprocess.Popen(worker_cmd)]
+    stop = False
+
+    def _terminate(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        typer.echo("Loading the model in the inference worker...", err=True)
+        _wait_for_worker(settings, children[0])
+        if chat if chat is not None else sys.stdin.isatty():
+            _console(settings)
+        else:
+            typer.echo("sprbot is up. Ctrl-C or SIGTERM stops it.", err=True)
+            while not stop and all(c.poll() is None for c in children):
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if started_redis:
+            embedded.stop()
+        typer.echo("sprbot stopped.", err=True)
+
+
+@app.command()
+def status() -> None:
+    """Workers, queue depth, pending and dead-lettered requests."""
+    import time
+
+    from inference.worker import WORKER_PREFIX
+
+    settings = _settings()
+    bus = _bus(settings)
+    stats = bus.stats()
+    typer.echo(
+        f"queue: {stats.backlog - stats.pending} waiting, {stats.pending} in progress, {stats.dead} dead-lettered"
+    )
+    keys = sorted(bus.redis.scan_iter(match=WORKER_PREFIX + "*"))
+    typer.echo(f"workers: {len(keys)}")
+    for key in keys:
+        w = {k.decode(): v.decode() for k, v in bus.redis.hgetall(key).items()}
+        if not w:
             continue
-        if text in ("/exit", "/quit"):
-            return
-        if text == "/help":
-            typer.echo(CHAT_HELP)
-            continue
-        if text == "/reset":
-            history.clear()
-            typer.echo("bot> Conversation cleared.")
-            continue
-        history.append({"role": "user", "content": text})
-        typer.echo("bot> ", nl=False)
-        reply = ""
-        try:
-            for piece in chatbot.chat_stream(history, generation):
-                reply += piece
-                typer.echo(piece, nl=False)
-        except (EmptyQueryError, PromptTooLongError) as exc:
-            history.pop()
-            typer.echo(f"Sorry, {exc}")
-            continue
-        typer.echo()
-        history.append({"role": "assistant", "content": reply})
+        age = time.time() - float(w.get("updated_at", 0))
+        typer.echo(
+            f"  {w['id']}: {w['model']} ({w['dtype']}, {w['backend']}), batch {w['batch']}/{w['max_batch']}, "
+            f"served {w['served']}, seen {age:.0f}s ago"
+        )
 
 
 def main() -> None:

@@ -55,6 +55,19 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # The bus and the inference worker
+    max_text_chars: int = Field(4000, ge=1, description="Longest message accepted.")
+    max_prompt_tokens: int = Field(
+        1536, ge=16, description="Prompt budget: history is trimmed to fit; longer is refused."
+    )
+    max_backlog: int = Field(256, ge=1, description="Queued requests before 'busy'.")
+    max_deliveries: int = Field(3, ge=1, description="Tries before a request is dead-lettered.")
+    reclaim_idle_ms: int = Field(
+        300_000, ge=100, description="A request idle this long in a dead worker is retried."
+    )
+    max_batch: int = Field(8, ge=1, le=256, description="Conversations decoded together.")
+    memory_ttl_s: int = Field(7 * 86_400, ge=60, description="Conversation memory lifetime.")
+
     # Telegram
     telegram_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org/bot"

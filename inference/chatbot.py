@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from inference.config import GenerationConfig, MixedPrecisionConfig, PipelineConfig
+from inference.config import GenerationConfig, PipelineConfig
 from inference.device import (
     DTYPES,
     cpu_has_native_bf16,
@@ -156,33 +156,50 @@ class Chatbot:
             return _generate_with_hf(self.model, prompt_ids, config, self.eos_token_ids)
         from inference.decoding import generate_ids
 
-        return generate_ids(
-            self.model, prompt_ids, config, self.eos_token_ids, generator=generator
-        )
+        return generate_ids(self.model, prompt_ids, config, self.eos_token_ids, generator=generator)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def stream_text(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:
-    """Turn a stream of token ids into text pieces whose concatenation is the full decode.
+class IncrementalDecoder:
+    """Turns token ids, pushed one at a time, into text pieces whose concatenation is the full
+    decode.
 
-    A piece is emitted only once the decoded text is stable: a byte-fallback token can end in
+    A piece is released only once the decoded text is stable: a byte-fallback token can end in
     half a UTF-8 character, which decodes as U+FFFD until the rest arrives.
     """
-    ids: list[int] = []
-    emitted = ""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        piece, self.text = text[len(self.text) :], text
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is still held back, once no more tokens will come."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.startswith(self.text):
+            return ""
+        piece, self.text = text[len(self.text) :], text
+        return piece
+
+
+def stream_text(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces for a stream of token ids (see ``IncrementalDecoder``)."""
+    decoder = IncrementalDecoder(tokenizer)
     for token_id in token_ids:
-        ids.append(token_id)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(emitted):
-            continue
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-            emitted = text
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    if text.startswith(emitted) and len(text) > len(emitted):
-        yield text[len(emitted) :]
+        if piece := decoder.push(token_id):
+            yield piece
+    if piece := decoder.flush():
+        yield piece
 
 
 def build_chatbot(config: PipelineConfig | None = None) -> Chatbot:
@@ -210,9 +227,7 @@ def build_chatbot(config: PipelineConfig | None = None) -> Chatbot:
     if device == "cpu" and dtype == "bfloat16" and usable:
         import intel_extension_for_pytorch as ipex
 
-        model = ipex.llm.optimize(
-            model, dtype=torch.bfloat16, inplace=True, deployment_mode=True
-        )
+        model = ipex.llm.optimize(model, dtype=torch.bfloat16, inplace=True, deployment_mode=True)
         backend = "ipex"
     else:
         if device == "cpu" and dtype == "bfloat16":

@@ -49,15 +49,84 @@ SIZES: dict[str, Shape] = {
 
 # Standard-library modules whose docstrings make the tokenizer's training text: plain English
 # with code, present on every Python install, so no data has to be downloaded.
-_CORPUS_MODULES = (
-    "argparse asyncio ast base64 bisect calendar codecs collections configparser contextlib "
-    "copy csv dataclasses datetime decimal difflib email enum fractions functools gettext glob "
-    "gzip hashlib heapq hmac html.parser http.client inspect io ipaddress itertools json "
-    "locale logging math mimetypes multiprocessing numbers operator os pathlib pickle pprint "
-    "queue random re sched secrets selectors shutil signal smtplib socket sqlite3 ssl "
-    "statistics string struct subprocess tarfile tempfile textwrap threading time timeit "
-    "tokenize traceback types typing unittest urllib.request uuid warnings weakref zipfile"
-).split()
+_CORPUS_MODULES = [
+    "argparse",
+    "asyncio",
+    "ast",
+    "base64",
+    "bisect",
+    "calendar",
+    "codecs",
+    "collections",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html.parser",
+    "http.client",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "locale",
+    "logging",
+    "math",
+    "mimetypes",
+    "multiprocessing",
+    "numbers",
+    "operator",
+    "os",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "secrets",
+    "selectors",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "sqlite3",
+    "ssl",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "timeit",
+    "tokenize",
+    "traceback",
+    "types",
+    "typing",
+    "unittest",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "weakref",
+    "zipfile",
+]
 
 
 def _corpus_text(extra: list[str]) -> str:

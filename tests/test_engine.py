@@ -103,7 +103,9 @@ def test_sampling_is_reproducible_with_a_seed(bf16_bot):
 
 def test_max_new_tokens_bounds_the_reply(bf16_bot):
     ids, config = bf16_bot.prepare([{"role": "user", "content": "Count"}], GREEDY)
-    produced = list(bf16_bot.generate_token_ids(ids, GenerationConfig(do_sample=False, max_new_tokens=5)))
+    produced = list(
+        bf16_bot.generate_token_ids(ids, GenerationConfig(do_sample=False, max_new_tokens=5))
+    )
     assert 0 < len(produced) <= 5
 
 
@@ -115,8 +117,12 @@ def test_lora_adapter_from_peft_path_changes_the_output(tiny_model, tmp_path, bf
     torch.manual_seed(1)
     lora = get_peft_model(
         base,
-        LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                   init_lora_weights=False),
+        LoraConfig(
+            r=8,
+            lora_alpha=64,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,
+        ),
     )
     lora.save_pretrained(tmp_path / "adapter")
     tuned = build_chatbot(
@@ -128,7 +134,9 @@ def test_lora_adapter_from_peft_path_changes_the_output(tiny_model, tmp_path, bf
     )
     assert tuned.info()["peft_path"] == str(tmp_path / "adapter")
     queries = ["What is sprbot?", "How do I add a FAQ entry?"]
-    assert [tuned.predict(q, GREEDY) for q in queries] != [bf16_bot.predict(q, GREEDY) for q in queries]
+    assert [tuned.predict(q, GREEDY) for q in queries] != [
+        bf16_bot.predict(q, GREEDY) for q in queries
+    ]
 
 
 def test_info_reports_what_runs(bf16_bot, tiny_model):
@@ -157,7 +165,10 @@ def test_family_template_without_a_chat_template(tiny_model, tmp_path, folder, t
     assert bot.info()["template"] == template
     ids, _ = bot.prepare([{"role": "user", "content": "What is sprbot?"}])
     assert marker in bot.tokenizer.decode(ids)
-    assert bot.predict("What is sprbot?", GenerationConfig(do_sample=False, max_new_tokens=4)) is not None
+    assert (
+        bot.predict("What is sprbot?", GenerationConfig(do_sample=False, max_new_tokens=4))
+        is not None
+    )
 
 
 def test_unloadable_model_says_why_and_what_to_do():
@@ -192,7 +203,9 @@ def test_prompt_longer_than_context_names_both_lengths(bf16_bot):
 def test_near_full_context_shrinks_max_new_tokens(bf16_bot):
     ids, _ = bf16_bot.prepare([{"role": "user", "content": "word " * 10}])
     filler = "word " * (2040 - len(ids))
-    ids, config = bf16_bot.prepare([{"role": "user", "content": filler}], GenerationConfig(max_new_tokens=256))
+    ids, config = bf16_bot.prepare(
+        [{"role": "user", "content": filler}], GenerationConfig(max_new_tokens=256)
+    )
     assert len(ids) + config.max_new_tokens == 2048
 
 

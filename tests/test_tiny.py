@@ -40,7 +40,9 @@ def test_unknown_size_is_refused(cli, tmp_path):
     assert "tiny, small, base" in result.stderr
 
 
-@pytest.mark.parametrize(("size", "low", "high"), [("tiny", 0.5e6, 2e6), ("small", 50e6, 60e6), ("base", 0.95e9, 1.1e9)])
+@pytest.mark.parametrize(
+    ("size", "low", "high"), [("tiny", 0.5e6, 2e6), ("small", 50e6, 60e6), ("base", 0.95e9, 1.1e9)]
+)
 def test_sizes_have_the_promised_parameter_counts(size, low, high):
     shape = SIZES[size]
     config = LlamaConfig(vocab_size=VOCAB_SIZE, tie_word_embeddings=False, **shape.__dict__)

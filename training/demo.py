@@ -36,9 +36,17 @@ def load_pairs(path: Path = SAMPLE_FAQ) -> list[tuple[str, str]]:
     return [(r["instruction"], r["output"]) for r in rows]
 
 
-def _encode(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of the whole exchange, and where the answer starts."""
+def _encode(
+    tokenizer, question: str, answer: str, history: tuple[str, str] | None = None
+) -> tuple[list[int], int]:
+    """Token ids of the whole exchange (after an earlier one), and where the answer starts."""
     turns = [{"role": "user", "content": question}]
+    if history:
+        turns = [
+            {"role": "user", "content": history[0]},
+            {"role": "assistant", "content": history[1]},
+            *turns,
+        ]
     prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(
         [*turns, {"role": "assistant", "content": answer}], tokenize=False
@@ -90,7 +98,9 @@ def build_demo_model(
     model = AutoModelForCausalLM.from_pretrained(staging)
     pairs = load_pairs()
 
+    # Each question alone, and after another exchange: chats through the bus carry memory.
     encoded = [_encode(tokenizer, q, a) for q, a in pairs]
+    encoded += [_encode(tokenizer, q, a, pairs[i - 1]) for i, (q, a) in enumerate(pairs)]
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
     labels = torch.full((len(encoded), width), -100)
@@ -127,7 +137,8 @@ def build_demo_model(
     )
     model.save_pretrained(staging)
     params = sum(p.numel() for p in model.parameters())
-    (staging / "README.md").write_text(DEMO_NOTE.format(params=f"{params / 1e6:.1f}M", rows=len(pairs)))
+    note = DEMO_NOTE.format(params=f"{params / 1e6:.1f}M", rows=len(pairs))
+    (staging / "README.md").write_text(note)
     marker = json.loads((staging / "sprbot.json").read_text())
     marker.update(kind="demo", recalled=recalled, questions=len(pairs), steps=step)
     (staging / "sprbot.json").write_text(json.dumps(marker))

@@ -1,0 +1,90 @@
+"""The console channel: ``sprbot chat`` in a terminal, through the same bus as Slack.
+
+Each terminal session is its own channel (``console-<id>``), so its replies never reach
+another terminal. Commands go to ``bot.commands``; everything else is a ``ChatRequest`` that an
+inference worker answers, streamed back as deltas.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import TextIO
+
+from bot.bus import Bus, ReplyAssembler
+from bot.commands import CommandContext, dispatch
+from bot.memory import ConversationMemory
+from bot.schemas import ChatRequest, request_id
+
+
+class ConsoleChannel:
+    def __init__(
+        self,
+        bus: Bus,
+        memory: ConversationMemory,
+        *,
+        out: TextIO = sys.stdout,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.bus = bus
+        self.memory = memory
+        self.out = out
+        self.timeout_s = timeout_s
+        self.session = uuid.uuid4().hex[:12]
+        self.channel = f"console-{self.session}"
+        self.user = getpass.getuser()
+        self.conversation = f"console/{self.user}@{socket.gethostname()}/{self.session}"
+        self._turn = 0
+
+    def handle(self, text: str) -> str:
+        """Answer one line of input; the streamed answer is written to ``out`` as it comes."""
+        context = CommandContext(self.channel, self.conversation, self.user, self.memory)
+        reply = dispatch(text, context)
+        if reply is not None:
+            self.out.write(reply + "\n")
+            self.out.flush()
+            return reply
+        self._turn += 1
+        request = ChatRequest(
+            id=request_id("console", self.session, self._turn),
+            channel=self.channel,
+            conversation=self.conversation,
+            user_id=self.user,
+            user_name=self.user,
+            text=text,
+        )
+        self.bus.submit(request)
+        return self.await_reply(request.id, self.out.write)
+
+    def await_reply(self, request_id: str, show: Callable[[str], object]) -> str:
+        """Show the reply's text as it streams in; return the final text (or the error)."""
+        assembler = ReplyAssembler()
+        shown = ""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            replies = self.bus.read_replies(self.channel, "console", block_ms=1000)
+            for reply in replies:
+                display = assembler.feed(reply.event)
+                if display is None or display.request_id != request_id:
+                    continue
+                if display.text.startswith(shown):
+                    show(display.text[len(shown) :])
+                else:  # a retried attempt restarted the text
+                    show("\n" + display.text)
+                shown = display.text
+                self.out.flush()
+                if display.done:
+                    self.bus.ack_replies(self.channel, *(r.entry_id for r in replies))
+                    show("\n")
+                    return display.text
+            self.bus.ack_replies(self.channel, *(r.entry_id for r in replies))
+        show("\n(no answer yet: is an inference worker running? see `sprbot status`)\n")
+        return ""
+
+    def close(self) -> None:
+        """Delete this session's reply stream: nobody will read it again."""
+        self.bus.redis.delete(f"sprbot:chat:replies:{self.channel}")
