@@ -27,6 +27,17 @@ run: install  ## chat with the offline demo model in the terminal
 test: install  ## run the test suite (pytest exits non-zero when it collects no test)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The last working IPEX stack in its own virtualenv (torch 2.8 from PyPI is the CUDA build:
+# ~7 GB, runs fine on CPU). Runs the engine's tests there, plus the IPEX-only checks.
+$(IPEX_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(IPEX_VENV)
+	$(IPEX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(IPEX_VENV)/bin/python -m pip install -q -e '.[ipex,dev]'
+	touch $@
+
+test-ipex: $(IPEX_VENV)/.installed  ## the engine's tests on the IPEX stack
+	$(IPEX_VENV)/bin/python -m pytest -m "ipex or not ipex" tests/test_engine.py tests/test_ipex.py $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((size, engine))
         results["sizes"][size] = entry
 
-    header = f"{'size':6} {'engine':34} {'dtype':9} {'tok/s':>7} {'1st tok ms':>10} {'GB/s':>6} {'of ceiling':>10} {'vs llama.cpp':>12}"
+    header = (
+        f"{'size':6} {'engine':34} {'dtype':9} {'tok/s':>7} {'1st tok ms':>10} {'GB/s':>6} "
+        f"{'of ceiling':>10} {'vs llama.cpp':>12}"
+    )
     print(header)
     print("-" * len(header))
     for size, e in rows:
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{size:6} {e['engine'][:34]:34} {e['dtype']:9} {e['decode_tok_s']:7.1f} "
             f"{e['first_token_s'] * 1e3:10.1f} {e['gb_s']:6.1f} "
-            f"{'' if ceiling is None else f'{ceiling:.0%}':>10} {'' if vs is None else f'{vs:.2f}x':>12}"
+            f"{'' if ceiling is None else f'{ceiling:.0%}':>10} "
+            f"{'' if vs is None else f'{vs:.2f}x':>12}"
         )
     for size, entry in results["sizes"].items():
         print(

@@ -45,7 +45,7 @@ StrPath = str | os.PathLike[str]
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 INSTALL_HINT = (
     "llama-cpp-python is not installed. Install the benchmark extra with "
-    "`pip install 'sprbot[bench]'` (it compiles llama.cpp from source: ~8 min on 2 cores)."
+    "`pip install 'sprbot[bench]'` (it compiles llama.cpp from source: ~8-12 min on 2 cores)."
 )
 # Only these light converter requirements are installed into the fallback venv;
 # torch is reused from the current interpreter, gguf comes from the sdist's gguf-py.

@@ -23,7 +23,9 @@ import copy
 import gc
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,7 +79,7 @@ def kernel_ceiling(
     """Batch-1 ``F.linear`` over all weight matrices of ``model`` cast to ``dtype``.
 
     Returns weight bytes, median / best seconds per sweep and GB/s (1e9 bytes/s), plus
-    ``packed_gbps`` for oneDNN-prepacked weights when ``packed`` and dtype is bf16.
+    ``packed_gb_s`` for oneDNN-prepacked weights when ``packed`` and dtype is bf16.
     """
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -98,8 +100,8 @@ def kernel_ceiling(
             "matrices": len(weights),
             "weight_bytes": nbytes,
             "seconds_median": med,
-            "gbps": nbytes / med / 1e9,
-            "gbps_best": nbytes / min(times) / 1e9,
+            "gb_s": nbytes / med / 1e9,
+            "gb_s_best": nbytes / min(times) / 1e9,
         }
         if packed and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             packed_ws = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
@@ -110,8 +112,8 @@ def kernel_ceiling(
                     torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], w, None, "none", [], "")
 
             ptimes = _sweep_seconds(packed_sweep, repeats)
-            result["packed_gbps"] = nbytes / statistics.median(ptimes) / 1e9
-            result["packed_gbps_best"] = nbytes / min(ptimes) / 1e9
+            result["packed_gb_s"] = nbytes / statistics.median(ptimes) / 1e9
+            result["packed_gb_s_best"] = nbytes / min(ptimes) / 1e9
         return result
     finally:
         torch.set_num_threads(prev_threads)
@@ -131,8 +133,8 @@ def memory_copy_bandwidth(
         read_t = statistics.median(_sweep_seconds(lambda: src.sum(), repeats))
         return {
             "bytes": nbytes,
-            "copy_gbps": nbytes / copy_t / 1e9,
-            "read_gbps": nbytes / read_t / 1e9,
+            "copy_gb_s": nbytes / copy_t / 1e9,
+            "read_gb_s": nbytes / read_t / 1e9,
         }
     finally:
         torch.set_num_threads(prev_threads)
@@ -256,8 +258,8 @@ def compare(
         tps = statistics.median(rates)
         out[name] = {
             "tokens_per_s": tps,
-            "gbps_equiv": tps * wb / 1e9,
-            "fraction_of_ceiling": tps * wb / 1e9 / ceiling["gbps"],
+            "gb_s_equiv": tps * wb / 1e9,
+            "fraction_of_ceiling": tps * wb / 1e9 / ceiling["gb_s"],
             "runs": rates,
         }
     out["speedup_vs_generate"] = statistics.median(
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     mem = results["memory"]
     print(
-        f"memory: copy {mem['copy_gbps']:.1f} GB/s, read {mem['read_gbps']:.1f} GB/s "
+        f"memory: copy {mem['copy_gb_s']:.1f} GB/s, read {mem['read_gb_s']:.1f} GB/s "
         f"({args.threads} threads)"
     )
     print(
@@ -301,13 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     for run in results["runs"]:
         c = run["ceiling"]
-        packed = f"{c['packed_gbps']:7.1f}" if "packed_gbps" in c else f"{'-':>7}"
-        lead = f"{run['dtype']:5} {c['weight_bytes'] / 1e9:6.2f}GB {c['gbps']:7.1f}GB {packed}"
+        packed = f"{c['packed_gb_s']:7.1f}" if "packed_gb_s" in c else f"{'-':>7}"
+        lead = f"{run['dtype']:5} {c['weight_bytes'] / 1e9:6.2f}GB {c['gb_s']:7.1f}GB {packed}"
         for i, name in enumerate(("generate", "generate_prepared", "generate_ids")):
             r = run[name]
             print(
                 f"{lead if i == 0 else ' ' * len(lead)} | {name:18} {r['tokens_per_s']:7.2f} "
-                f"{r['gbps_equiv']:8.1f} {r['fraction_of_ceiling']:9.0%}"
+                f"{r['gb_s_equiv']:8.1f} {r['fraction_of_ceiling']:9.0%}"
             )
         print(f"{'':{len(lead)}} | generate_ids / generate: {run['speedup_vs_generate']:.2f}x")
     if len(results["runs"]) == 2 and {r["dtype"] for r in results["runs"]} == {"bf16", "fp32"}:
@@ -319,4 +321,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # As a script, bench/ is first on sys.path and bench/inference.py would shadow the
+    # `inference` package: look it up from the repository root instead.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
     raise SystemExit(main())

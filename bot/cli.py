@@ -308,8 +308,9 @@ def status() -> None:
     settings = _settings()
     bus = _bus(settings)
     stats = bus.stats()
+    waiting = stats.backlog - stats.pending
     typer.echo(
-        f"queue: {stats.backlog - stats.pending} waiting, {stats.pending} in progress, {stats.dead} dead-lettered"
+        f"queue: {waiting} waiting, {stats.pending} in progress, {stats.dead} dead-lettered"
     )
     keys = sorted(bus.redis.scan_iter(match=WORKER_PREFIX + "*"))
     typer.echo(f"workers: {len(keys)}")
@@ -319,8 +320,8 @@ def status() -> None:
             continue
         age = time.time() - float(w.get("updated_at", 0))
         typer.echo(
-            f"  {w['id']}: {w['model']} ({w['dtype']}, {w['backend']}), batch {w['batch']}/{w['max_batch']}, "
-            f"served {w['served']}, seen {age:.0f}s ago"
+            f"  {w['id']}: {w['model']} ({w['dtype']}, {w['backend']}), "
+            f"batch {w['batch']}/{w['max_batch']}, served {w['served']}, seen {age:.0f}s ago"
         )
 
 

@@ -89,7 +89,8 @@ class BatchedLlama:
     def __init__(self, model: torch.nn.Module, max_batch: int, attention: str = "auto") -> None:
         if attention not in ("auto", "batched", "per-sequence"):
             raise ValueError(f"attention must be auto, batched or per-sequence, got {attention!r}")
-        # The runner's weight table and rotary module; its own 1-position cache goes unused.
+        # The runner's weight table (decoding._Layer) and rotary module; its own 1-position
+        # caches go unused.
         runner = LlamaRunner(model, 1)
         self.layers = runner.layers
         self.embed, self.norm, self.lm_head = runner.embed, runner.norm, runner.lm_head
@@ -100,13 +101,26 @@ class BatchedLlama:
         self.k_cache = self.v_cache = torch.empty(0)
         self.capacity = 0
 
+    def cache_shape(self, capacity: int) -> tuple[int, ...]:
+        return (len(self.layers), self.max_batch, self.nkv, capacity, self.hd)
+
+    def adopt_cache(self, other: BatchedLlama) -> None:
+        """Take over another engine's cache if it fits this model (geometry, dtype, device)."""
+        k = other.k_cache
+        if (
+            other.capacity
+            and k.shape == self.cache_shape(other.capacity)
+            and (k.dtype, k.device) == (self.embed.dtype, self.embed.device)
+        ):
+            self.k_cache, self.v_cache, self.capacity = other.k_cache, other.v_cache, other.capacity
+
     def reserve(self, length: int) -> None:
         """Make every slot hold ``length`` positions, keeping what the cache holds."""
         if length <= self.capacity:
             return
         capacity = max(length, 2 * self.capacity)
         capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
-        shape = (len(self.layers), self.max_batch, self.nkv, capacity, self.hd)
+        shape = self.cache_shape(capacity)
         # Zeros, not empty: batched attention multiplies masked positions by a zero weight,
         # and 0 * NaN from uninitialised memory would poison the row.
         k = torch.zeros(shape, dtype=self.embed.dtype, device=self.embed.device)
@@ -165,13 +179,11 @@ class BatchedLlama:
             segments.append((row, slot, start, len(piece)))
             row += len(piece)
 
-        for i, (attn, ln1, eps1, ln2, eps2, act, q_, k_, v_, o_, g_, u_, d_) in enumerate(
-            self.layers
-        ):
-            h = _rms_norm(x, ln1, eps1)
-            q = _linear(h, *q_).view(1, n, nh, hd)
-            k = _linear(h, *k_).view(1, n, nkv, hd)
-            v = _linear(h, *v_).view(1, n, nkv, hd)
+        for i, L in enumerate(self.layers):
+            h = _rms_norm(x, L.ln1, L.eps1)
+            q = _linear(h, *L.q).view(1, n, nh, hd)
+            k = _linear(h, *L.k).view(1, n, nkv, hd)
+            v = _linear(h, *L.v).view(1, n, nkv, hd)
             q = q * cos + torch.roll(q, half, -1) * sin
             k = k * cos + torch.roll(k, half, -1) * sin
             kc, vc = self.k_cache[i], self.v_cache[i]  # [max_batch, nkv, capacity, hd]
@@ -198,7 +210,7 @@ class BatchedLlama:
                 else:
                     for b, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
                         o, _ = _hf_sdpa(
-                            attn,
+                            L.attn,
                             q[:, b : b + 1].transpose(1, 2),
                             kc[slot : slot + 1, :, :length],
                             vc[slot : slot + 1, :, :length],
@@ -215,7 +227,7 @@ class BatchedLlama:
                     keys = torch.arange(end, device=dev)[None, :]
                     mask_c = (keys <= torch.arange(start, end, device=dev)[:, None])[None, None]
                 o, _ = _hf_sdpa(
-                    attn,
+                    L.attn,
                     q[:, r0 : r0 + t].transpose(1, 2),
                     kc[slot : slot + 1, :, :end],
                     vc[slot : slot + 1, :, :end],
@@ -224,16 +236,14 @@ class BatchedLlama:
                 )
                 outs.append(o.reshape(t, nh * hd))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + _linear(o.unsqueeze(0), *o_)
-            h = _rms_norm(x, ln2, eps2)
-            x = x + _linear(act(_linear(h, *g_)) * _linear(h, *u_), *d_)
+            x = x + _linear(o.unsqueeze(0), *L.o)
+            h = _rms_norm(x, L.ln2, L.eps2)
+            x = x + _linear(L.act(_linear(h, *L.gate)) * _linear(h, *L.up), *L.down)
 
         # Norm and lm_head for the rows somebody samples from.
-        rows = list(range(nd)) + [r0 + t - 1 for (r0, _, _, t), c in zip(segments, chunks) if c[3]]
-        if rows == list(range(n)):
-            last = x
-        else:
-            last = x[:, torch.tensor(rows, device=dev)]
+        rows = list(range(nd))
+        rows += [r0 + t - 1 for (r0, _, _, t), c in zip(segments, chunks, strict=True) if c[3]]
+        last = x if rows == list(range(n)) else x[:, torch.tensor(rows, device=dev)]
         h = _rms_norm(last, *self.norm)
         return _linear(h, *self.lm_head)[0].float()
 
@@ -246,6 +256,12 @@ class Scheduler:
     up to this many tokens gets its first token in the step after ``add``; a longer one in
     ``ceil(len / prefill_chunk)`` steps. Larger chunks mean fewer steps to a joiner's first
     token; smaller ones a shorter pause for the sequences already decoding.
+    attention: how decode rows attend; "batched" is one masked sdpa call per layer for all
+    of them, "per-sequence" one call per sequence (exactly LlamaRunner's), "auto" batched
+    from two decode rows on.
+    batched: False forces the round-robin fallback: every sequence decodes alone, so its
+    tokens equal ``Chatbot.generate_token_ids`` whatever the load, at a fraction of the
+    aggregate throughput.
     """
 
     def __init__(
@@ -255,6 +271,7 @@ class Scheduler:
         *,
         prefill_chunk: int = 512,
         attention: str = "auto",
+        batched: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -264,6 +281,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self._attention = attention
+        self._batching = batched
         self._engine: BatchedLlama | None = None
         self.fallback_reason: str | None = None
         self._sequences: dict[Hashable, _Sequence] = {}  # the batched path
@@ -278,7 +296,9 @@ class Scheduler:
         between bursts (hooks added, weights re-packed) is picked up the way ``generate_ids``
         picks it up per call."""
         bot = self.chatbot
-        if bot.backend == "ipex":
+        if not self._batching:
+            reason = "batching turned off (batched=False)"
+        elif bot.backend == "ipex":
             reason = "IPEX-optimised model: its forward takes IPEX's own cache layout"
         else:
             prepare_for_decoding(bot.model)
@@ -287,18 +307,11 @@ class Scheduler:
         if reason is not None:
             self._engine = None
             return
-        engine = self._engine
-        if engine is None or engine.embed is not bot.model.model.embed_tokens.weight:
-            engine = BatchedLlama(bot.model, self.max_batch, self._attention)
-        else:  # same model: keep the allocated cache, re-read the (possibly re-packed) weights
-            fresh = BatchedLlama(bot.model, self.max_batch, self._attention)
-            fresh.k_cache, fresh.v_cache, fresh.capacity = (
-                engine.k_cache,
-                engine.v_cache,
-                engine.capacity,
-            )
-            engine = fresh
-        self._engine = engine
+        old, self._engine = self._engine, BatchedLlama(bot.model, self.max_batch, self._attention)
+        if old is not None:
+            # Keep the allocated cache (reallocating costs a page-faulting memset per burst);
+            # only the weight table is re-read, as generate_ids re-reads it per call.
+            self._engine.adopt_cache(old)
 
     @property
     def batched(self) -> bool:

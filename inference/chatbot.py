@@ -358,6 +358,8 @@ def _generate_with_hf(
 
     def run() -> None:
         try:
+            if config.do_sample and config.seed is not None:
+                torch.manual_seed(config.seed)  # generate samples from the global generator
             with torch.inference_mode():
                 model.generate(
                     input_ids,

@@ -24,9 +24,10 @@ Works on torch 2.8 - 2.13 and transformers 4.51 - 5.x.
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -158,13 +159,27 @@ class PackedLinear(nn.Linear):
         _unpack(self)
         return self._apply(*args, **kwargs)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> nn.Module:
+        # Parameter.__deepcopy__ cannot clone an mkldnn tensor: copy a plain twin, pack that.
+        packed = self.weight
+        self._parameters["weight"] = nn.Parameter(packed.to_dense(), requires_grad=False)
+        self.__class__ = nn.Linear
+        try:
+            twin = copy.deepcopy(self, memo)
+        finally:
+            self._parameters["weight"] = packed
+            self.__class__ = PackedLinear
+        _pack(twin)
+        return twin
 
-# (out, in, dtype, has bias) -> whether packed and plain weights give identical outputs here.
-_PACK_IS_EXACT: dict[tuple[int, int, torch.dtype, bool], bool] = {}
+
+# (out, in, dtype, has bias, threads) -> do packed and plain weights give identical outputs here?
+_PACK_IS_EXACT: dict[tuple[Any, ...], bool] = {}
 
 
-def _pack_key(lin: nn.Linear) -> tuple[int, int, torch.dtype, bool]:
-    return (*lin.weight.shape, lin.weight.dtype, lin.bias is not None)
+def _pack_key(lin: nn.Linear) -> tuple[Any, ...]:
+    w = lin.weight
+    return (*w.shape, w.dtype, lin.bias is not None, torch.get_num_threads())
 
 
 def _outputs_match(lin: nn.Linear, packed: torch.Tensor) -> bool:
@@ -205,6 +220,11 @@ def _unpack(lin: nn.Linear) -> None:
     lin.__class__ = nn.Linear
 
 
+# A packed-weight call costs ~25 us more fixed overhead than F.linear (~3 us) but then streams
+# weights ~2x faster; below ~256 KiB of weights (e.g. LoRA factors) the plain call wins.
+_PACK_MIN_BYTES = 256 * 1024
+
+
 def _packable(module: nn.Module, tied: set[int]) -> bool:
     if type(module) is PackedLinear:
         return not module.weight.is_mkldnn  # re-bound to a plain tensor since packing
@@ -216,6 +236,7 @@ def _packable(module: nn.Module, tied: set[int]) -> bool:
         and w.dtype == torch.bfloat16
         and w.device.type == "cpu"
         and w.dim() == 2
+        and w.numel() * w.element_size() >= _PACK_MIN_BYTES
         and id(w) not in tied  # lm_head tied to the embedding: packing would duplicate it
     )
 
@@ -285,6 +306,34 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x32.to(dtype)
 
 
+def _plain_activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    # nn.SiLU (transformers 4.x) and transformers' SiLUActivation (5.x) are both F.silu; calling
+    # it directly skips a module __call__ per layer.
+    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return F.silu
+    return act
+
+
+class _Layer(NamedTuple):
+    """What one decoder layer needs per token, gathered once (no module attribute walks)."""
+
+    attn: nn.Module  # only handed to transformers' sdpa wrapper
+    ln1: torch.Tensor
+    eps1: float
+    ln2: torch.Tensor
+    eps2: float
+    act: Callable[[torch.Tensor], torch.Tensor]
+    q: tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias) of each projection
+    k: tuple[torch.Tensor, torch.Tensor | None]
+    v: tuple[torch.Tensor, torch.Tensor | None]
+    o: tuple[torch.Tensor, torch.Tensor | None]
+    gate: tuple[torch.Tensor, torch.Tensor | None]
+    up: tuple[torch.Tensor, torch.Tensor | None]
+    down: tuple[torch.Tensor, torch.Tensor | None]
+    k_cache: torch.Tensor  # [1, kv heads, max_len, head dim]
+    v_cache: torch.Tensor
+
+
 class LlamaRunner:
     """Flat LlamaForCausalLM forward over a preallocated KV cache.
 
@@ -295,40 +344,45 @@ class LlamaRunner:
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
         cfg, inner = model.config, model.model
+        attn = inner.layers[0].self_attn
+        self.hd, self.scale = attn.head_dim, attn.scaling
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.embed = inner.embed_tokens.weight
+        self.max_len = max_len
+        self.pos = 0
+
+        def wb(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return lin.weight, lin.bias
+
+        shape = (1, self.nkv, max_len, self.hd)
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-            act = F.silu if isinstance(m.act_fn, nn.SiLU) else m.act_fn
             self.layers.append(
-                (a, ln1.weight, ln1.variance_epsilon, ln2.weight, ln2.variance_epsilon, act)
-                + tuple((lin.weight, lin.bias) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-                + tuple((lin.weight, lin.bias) for lin in (m.gate_proj, m.up_proj, m.down_proj))
-            )
-        self.embed = inner.embed_tokens.weight
+                _Layer(
+                    a, ln1.weight, ln1.variance_epsilon, ln2.weight, ln2.variance_epsilon,
+                    _plain_activation(m.act_fn),
+                    wb(a.q_proj), wb(a.k_proj), wb(a.v_proj), wb(a.o_proj),
+                    wb(m.gate_proj), wb(m.up_proj), wb(m.down_proj),
+                    torch.empty(shape, dtype=self.embed.dtype, device=self.embed.device),
+                    torch.empty(shape, dtype=self.embed.dtype, device=self.embed.device),
+                )
+            )  # fmt: skip
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.lm_head = (model.lm_head.weight, model.lm_head.bias)
+        self.lm_head = wb(model.lm_head)
         self.rotary = inner.rotary_emb  # the model's own: exact cos/sin for any rope scaling type
-        attn = inner.layers[0].self_attn
-        self.hd, self.scale = attn.head_dim, attn.scaling
-        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.pos = 0
-        shape = (len(self.layers), 1, self.nkv, max_len, self.hd)
-        self.k_cache = torch.empty(shape, dtype=self.embed.dtype, device=self.embed.device)
-        self.v_cache = torch.empty(shape, dtype=self.embed.dtype, device=self.embed.device)
 
     def step(self, ids: list[int]) -> torch.Tensor:
         T, p0, nh, nkv, hd = len(ids), self.pos, self.nh, self.nkv, self.hd
         end = p0 + T
-        if end > self.k_cache.shape[3]:
-            raise ValueError(
-                f"sequence length {end} exceeds the KV cache ({self.k_cache.shape[3]})"
-            )
+        if end > self.max_len:
+            raise ValueError(f"sequence length {end} exceeds the KV cache ({self.max_len})")
         dev = self.embed.device
         x = F.embedding(torch.tensor([ids], device=dev), self.embed)
         cos, sin = self.rotary(x, torch.arange(p0, end, device=dev).unsqueeze(0))  # [1, T, hd]
         # rotate_half(x) * sin == roll(x, hd/2) * [-sin_lo, sin_hi] bit for bit (negation commutes
-        # with rounding), which replaces slice/slice/neg/cat by one roll, once per layer.
+        # with rounding): one roll per q/k instead of slice, slice, neg, cat.
         half = hd // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1).unsqueeze(1)
         cos = cos.unsqueeze(1)  # [1, 1, T, hd]: broadcast over heads
@@ -340,24 +394,22 @@ class LlamaRunner:
                 torch.arange(end, device=dev)[None, :] <= torch.arange(p0, end, device=dev)[:, None]
             )
             mask = mask[None, None]  # [1, 1, T, end]
-        for i, (attn, ln1, eps1, ln2, eps2, act, q_, k_, v_, o_, g_, u_, d_) in enumerate(
-            self.layers
-        ):
-            h = _rms_norm(x, ln1, eps1)
-            q = _linear(h, *q_).view(1, T, nh, hd).transpose(1, 2)
-            k = _linear(h, *k_).view(1, T, nkv, hd).transpose(1, 2)
-            v = _linear(h, *v_).view(1, T, nkv, hd).transpose(1, 2)
+        for L in self.layers:
+            h = _rms_norm(x, L.ln1, L.eps1)
+            q = _linear(h, *L.q).view(1, T, nh, hd).transpose(1, 2)
+            k = _linear(h, *L.k).view(1, T, nkv, hd).transpose(1, 2)
+            v = _linear(h, *L.v).view(1, T, nkv, hd).transpose(1, 2)
             q = q * cos + torch.roll(q, half, -1) * sin
             k = k * cos + torch.roll(k, half, -1) * sin
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[:, :, p0:end] = k
-            vc[:, :, p0:end] = v
-            # transformers' own sdpa wrapper: it decides between enable_gqa and repeat_kv per
-            # version, and the two are not bit-identical on every torch (they differ on 2.8).
-            o, _ = _hf_sdpa(attn, q, kc[:, :, :end], vc[:, :, :end], mask, scaling=self.scale)
-            x = x + _linear(o.reshape(1, T, nh * hd), *o_)
-            h = _rms_norm(x, ln2, eps2)
-            x = x + _linear(act(_linear(h, *g_)) * _linear(h, *u_), *d_)
+            L.k_cache.narrow(2, p0, T).copy_(k)
+            L.v_cache.narrow(2, p0, T).copy_(v)
+            keys, values = L.k_cache.narrow(2, 0, end), L.v_cache.narrow(2, 0, end)
+            # transformers' own sdpa wrapper: it picks enable_gqa or repeat_kv per version, and
+            # the two are not bit-identical on every torch (they differ on 2.8).
+            o, _ = _hf_sdpa(L.attn, q, keys, values, mask, scaling=self.scale)
+            x = x + _linear(o.reshape(1, T, nh * hd), *L.o)
+            h = _rms_norm(x, L.ln2, L.eps2)
+            x = x + _linear(L.act(_linear(h, *L.gate)) * _linear(h, *L.up), *L.down)
         self.pos = end
         # Norm is per position, so normalising only the last one is exact.
         h = _rms_norm(x[:, -1:], *self.norm)
@@ -391,7 +443,8 @@ class HFRunner:
             kwargs["position_ids"] = torch.arange(self.pos, self.pos + T, device=self.device)[None]
         out = self.model(input_ids=torch.tensor([ids], device=self.device), **kwargs)
         # The first call creates the model's own cache (DynamicCache, hybrid caches, ...).
-        self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
         self.pos += T
         return out.logits[0, -1].float()
 

@@ -184,8 +184,22 @@ def train_tokenizer(outdir: Path, extra_text: list[str] | None = None) -> None:
         )
         tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(outdir)
+        _portable_tokenizer_config(outdir / "tokenizer_config.json")
         # llama.cpp's converter reads the SentencePiece model itself.
         (outdir / "tokenizer.model").write_bytes(model_file.read_bytes())
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 writes the role tokens as a list under ``extra_special_tokens``, which
+    4.x (the IPEX stack) reads as a dict and fails on; ``additional_special_tokens`` is read
+    by both."""
+    config = json.loads(path.read_text())
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = extra
+    elif extra:
+        config["extra_special_tokens"] = extra
+    path.write_text(json.dumps(config, indent=2))
 
 
 def init_tiny(outdir: str | Path, size: str = "tiny", seed: int = 0) -> Path:

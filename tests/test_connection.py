@@ -27,7 +27,8 @@ def test_later_processes_reuse_the_same_server(embedded_redis, data_dir):
     client.set("written-by", "first")
     code = (
         "from bot.config import load_settings; from bot.connection import connect; "
-        "c = connect(load_settings()); print(c.info('server')['process_id'], c.get('written-by').decode())"
+        "c = connect(load_settings()); "
+        "print(c.info('server')['process_id'], c.get('written-by').decode())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

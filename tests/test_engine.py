@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -160,7 +161,14 @@ def test_info_reports_what_runs(bf16_bot, tiny_model):
 def test_family_template_without_a_chat_template(tiny_model, tmp_path, folder, template, marker):
     model_dir = tmp_path / folder
     shutil.copytree(tiny_model, model_dir)
-    (model_dir / "chat_template.jinja").unlink()
+    # transformers 5 keeps the template in its own file, 4.x inside tokenizer_config.json.
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = model_dir / "tokenizer_config.json"
+    config_file.write_text(
+        json.dumps(
+            {k: v for k, v in json.loads(config_file.read_text()).items() if k != "chat_template"}
+        )
+    )
     bot = build_chatbot(PipelineConfig(model_name_or_path=str(model_dir)))
     assert bot.info()["template"] == template
     ids, _ = bot.prepare([{"role": "user", "content": "What is sprbot?"}])

@@ -1,4 +1,4 @@
-"""The chat pipeline end to end: real Redis, real `sprbot worker inference` processes, tiny model."""
+"""The chat pipeline end to end: real Redis, real `sprbot worker inference` processes."""
 
 from __future__ import annotations
 
