@@ -1,19 +1,22 @@
 """Continuous batching: aggregate decode tokens/s of ``inference.batching.Scheduler`` at several
-concurrencies, round-robin (sequences decoded one after another) vs batched (one forward per
-step for all of them), and how soon a request joining mid-generation gets its first token.
+concurrencies, round-robin (each sequence decoded alone, one after another) vs batched (one
+forward per step for all of them), and how soon a request joining mid-generation gets its
+first token.
 
     python bench/batching.py                          # small, bf16, 2 threads, 1,2,4,8
-    python bench/batching.py --concurrency 1,8 --new-tokens 32 --repeats 2
+    python bench/batching.py --concurrency 1,8 --new-tokens 32 --repeats 1
 
-Every variant runs in the same process, interleaved repeat by repeat, so the ratios hold on a
-shared, noisy machine; each figure is the median over ``--repeats``. Decode tokens/s counts the
-tokens after each sequence's first one (the first comes from the step that evaluates the
-prompts) over the wall time of the steps after that first step. Greedy, EOS ignored: every
-sequence decodes exactly ``--new-tokens`` tokens.
+The machine is shared and noisy, so the variants run in lockstep: at each concurrency every
+variant gets the same prompts, and they take turns, one step each, so all of them see the same
+load from moment to moment. A step gives every sequence one token, so decode tokens/s is the
+concurrency over the median step time (steps after the first, which evaluates the prompts;
+the median shrugs off the steps other processes stole time from); ``mean tok/s`` is tokens
+over the summed step time. Greedy, EOS ignored: each sequence decodes ``--new-tokens`` tokens.
 
-The join figure: ``max_batch - 1`` sequences decode; after ``--warm-steps`` steps one more is
-added with a prompt of ``--join-tokens`` tokens. Reported: decode steps from ``add`` to its
-first token, and how long that step took against the batch's median step.
+The join figure: ``--max-batch - 1`` sequences decode; after ``--warm-steps`` steps one more
+is added with a prompt of ``--join-tokens`` tokens. Reported: the steps from ``add`` to its
+first token (1 = it came out of the very next step), whether every running sequence still got
+its token in each of those steps, and the wall time of those steps against a median step.
 
 Prints a table and writes JSON (default ``bench/results/batching.json``).
 """
@@ -62,68 +65,68 @@ def prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
     return [ids[i : i + length] for i in range(count)]
 
 
-def run_batch(bot: Any, variant: dict[str, Any], ids: list[list[int]], new: int) -> dict:
+def lockstep(bot: Any, names: list[str], ids: list[list[int]], new: int) -> dict[str, list]:
+    """Step times of every variant decoding the same sequences, the variants taking turns."""
     from inference import GenerationConfig
     from inference.batching import Scheduler
 
-    scheduler = Scheduler(bot, max(len(ids), 1), **variant)
     config = GenerationConfig(do_sample=False, max_new_tokens=new)
-    for key, prompt in enumerate(ids):
-        scheduler.add(key, prompt, config)
-    started = time.perf_counter()
-    counts = [0] * len(ids)
-    steps = []
-    while scheduler.active:
-        t0 = time.perf_counter()
-        for key, token in scheduler.step():
-            if token is not None:
-                counts[key] += 1
-        steps.append(time.perf_counter() - t0)
-    assert counts == [new] * len(ids), counts
-    decode_s = sum(steps[1:])
-    return {
-        "first_step_s": steps[0],
-        "decode_tok_s": (sum(counts) - len(ids)) / decode_s,
-        "step_ms_median": statistics.median(steps[1:]) * 1e3,
-        "wall_s": time.perf_counter() - started,
-    }
+    schedulers = {name: Scheduler(bot, len(ids), **VARIANTS[name]) for name in names}
+    for scheduler in schedulers.values():
+        for key, prompt in enumerate(ids):
+            scheduler.add(key, prompt, config)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    counts = {name: 0 for name in names}
+    while any(s.active for s in schedulers.values()):
+        for name, scheduler in schedulers.items():
+            if not scheduler.active:
+                continue
+            started = time.perf_counter()
+            events = scheduler.step()
+            elapsed = time.perf_counter() - started
+            tokens = sum(token is not None for _, token in events)
+            counts[name] += tokens
+            if tokens == len(ids):  # a full decode step (the last one only reports ends)
+                times[name].append(elapsed)
+    assert all(c == new * len(ids) for c in counts.values()), counts
+    return times
 
 
-def run_join(bot: Any, variant: dict[str, Any], args: argparse.Namespace) -> dict:
+def run_join(bot: Any, name: str, args: argparse.Namespace, join_tokens: int) -> dict:
     """Steps (and time) from ``add`` to the first token of a request joining a running batch."""
     from inference import GenerationConfig
     from inference.batching import Scheduler
 
     running = args.max_batch - 1
-    ids = prompts(bot.tokenizer, running + 1, args.prompt_tokens)
-    join = prompts(bot.tokenizer, 1, args.join_tokens)[0]
-    scheduler = Scheduler(bot, args.max_batch, **variant)
+    ids = prompts(bot.tokenizer, running, args.prompt_tokens)
+    join = prompts(bot.tokenizer, 1, join_tokens)[0]
+    scheduler = Scheduler(bot, args.max_batch, **VARIANTS[name])
     config = GenerationConfig(do_sample=False, max_new_tokens=args.warm_steps + 16)
     for key in range(running):
         scheduler.add(key, ids[key], config)
     steps = []
     for _ in range(args.warm_steps):
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         scheduler.step()
-        steps.append(time.perf_counter() - t0)
+        steps.append(time.perf_counter() - started)
     scheduler.add("join", join, GenerationConfig(do_sample=False, max_new_tokens=4))
     join_steps, join_s, others_advanced = 0, 0.0, True
     while True:
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         events = scheduler.step()
-        join_s += time.perf_counter() - t0
+        join_s += time.perf_counter() - started
         join_steps += 1
         keys = {key for key, token in events if token is not None}
         others_advanced &= set(range(running)) <= keys
         if "join" in keys:
             break
-    median = statistics.median(steps[1:])
     return {
+        "variant": name,
+        "requested": join_tokens,
         "join_prompt_tokens": len(join),
         "steps_to_first_token": join_steps,
-        "join_s": join_s,
-        "median_step_s": median,
-        "join_over_median_step": join_s / median,
+        "join_ms": join_s * 1e3,
+        "median_step_ms": statistics.median(steps[1:]) * 1e3,
         "others_advanced_every_step": others_advanced,
     }
 
@@ -134,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrency", default="1,2,4,8")
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--max-batch", type=int, default=8, help="for the join figure")
     parser.add_argument("--warm-steps", type=int, default=8)
@@ -162,83 +165,82 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",")
     load_before = os.getloadavg()[0]
 
-    run_batch(bot, VARIANTS["batched"], prompts(bot.tokenizer, 2, args.prompt_tokens), 4)
-    runs: dict[tuple[str, int], list[dict]] = {}
-    joins: dict[tuple[str, int], list[dict]] = {}
+    lockstep(bot, names, prompts(bot.tokenizer, 2, args.prompt_tokens), 4)  # warm-up
+    steps: dict[tuple[str, int], list[float]] = {}
+    joins: list[dict] = []
     for repeat in range(args.repeats):
         for c in levels:
-            ids = prompts(bot.tokenizer, c, args.prompt_tokens)
+            times = lockstep(
+                bot, names, prompts(bot.tokenizer, c, args.prompt_tokens), args.new_tokens
+            )
             for name in names:
-                runs.setdefault((name, c), []).append(
-                    run_batch(bot, VARIANTS[name], ids, args.new_tokens)
-                )
+                steps.setdefault((name, c), []).extend(times[name])
         for tokens in args.join_tokens.split(","):
-            for name in names:
-                args_join = argparse.Namespace(**{**vars(args), "join_tokens": int(tokens)})
-                joins.setdefault((name, int(tokens)), []).append(
-                    run_join(bot, VARIANTS[name], args_join)
-                )
+            joins += [run_join(bot, name, args, int(tokens)) for name in names]
         print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
 
-    def med(rows: list[dict], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
-
     table = []
-    base = {c: med(runs[(names[0], c)], "decode_tok_s") for c in levels}
-    one = {name: med(runs[(name, levels[0])], "decode_tok_s") for name in names}
     for name in names:
         for c in levels:
-            tok_s = med(runs[(name, c)], "decode_tok_s")
+            times = steps[(name, c)]
             table.append(
                 {
                     "variant": name,
                     "concurrency": c,
-                    "decode_tok_s": tok_s,
-                    "decode_tok_s_runs": [round(r["decode_tok_s"], 1) for r in runs[(name, c)]],
-                    "step_ms_median": med(runs[(name, c)], "step_ms_median"),
-                    "first_step_ms": med(runs[(name, c)], "first_step_s") * 1e3,
-                    f"over_{names[0]}": tok_s / base[c],
-                    f"over_c{levels[0]}": tok_s / one[name],
+                    "decode_tok_s": c / statistics.median(times),
+                    "mean_tok_s": c * len(times) / sum(times),
+                    "step_ms_median": statistics.median(times) * 1e3,
+                    "steps": len(times),
                 }
             )
+    tok_s = {(row["variant"], row["concurrency"]): row["decode_tok_s"] for row in table}
+    for row in table:
+        rr = tok_s.get(("round-robin", row["concurrency"]))
+        row["over_round_robin"] = row["decode_tok_s"] / rr if rr else None
+        row["over_one_conversation"] = row["decode_tok_s"] / tok_s[(names[0], levels[0])]
     join_rows = []
-    for (name, _tokens), rows in joins.items():
-        join_rows.append(
-            {
-                "variant": name,
-                "join_prompt_tokens": rows[0]["join_prompt_tokens"],
-                "steps_to_first_token": max(r["steps_to_first_token"] for r in rows),
-                "join_ms": med(rows, "join_s") * 1e3,
-                "median_step_ms": med(rows, "median_step_s") * 1e3,
-                "join_over_median_step": med(rows, "join_over_median_step"),
-                "others_advanced_every_step": all(r["others_advanced_every_step"] for r in rows),
-            }
-        )
+    for name in names:
+        for tokens in args.join_tokens.split(","):
+            rows = [r for r in joins if (r["variant"], r["requested"]) == (name, int(tokens))]
+            join_rows.append(
+                {
+                    "variant": name,
+                    "join_prompt_tokens": rows[0]["join_prompt_tokens"],
+                    "steps_to_first_token": max(r["steps_to_first_token"] for r in rows),
+                    "join_ms": statistics.median(r["join_ms"] for r in rows),
+                    "median_step_ms": statistics.median(r["median_step_ms"] for r in rows),
+                    "others_advanced_every_step": all(
+                        r["others_advanced_every_step"] for r in rows
+                    ),
+                }
+            )
 
     header = (
-        f"{'variant':24} {'conc':>4} {'decode tok/s':>12} {'step ms':>8} "
-        f"{'vs ' + names[0]:>16} {'vs conc ' + str(levels[0]):>10}"
+        f"{'variant':22} {'conc':>4} {'tok/s':>7} {'mean tok/s':>10} {'step ms':>8} "
+        f"{'vs round-robin':>14} {'vs 1 conv':>9}"
     )
     print(header)
     print("-" * len(header))
     for row in table:
+        vs_rr = row["over_round_robin"]
         print(
-            f"{row['variant']:24} {row['concurrency']:>4} {row['decode_tok_s']:12.1f} "
-            f"{row['step_ms_median']:8.1f} {row[f'over_{names[0]}']:15.2f}x "
-            f"{row[f'over_c{levels[0]}']:9.2f}x"
+            f"{row['variant']:22} {row['concurrency']:>4} {row['decode_tok_s']:7.1f} "
+            f"{row['mean_tok_s']:10.1f} {row['step_ms_median']:8.1f} "
+            f"{'' if vs_rr is None else f'{vs_rr:.2f}x':>14} {row['over_one_conversation']:8.2f}x"
         )
+    print(f"(vs 1 conv: over {names[0]} at concurrency {levels[0]})")
     print()
     header = (
-        f"{'joining request':24} {'prompt':>6} {'steps to 1st tok':>16} {'join ms':>8} "
-        f"{'step ms':>8} {'others kept going':>17}"
+        f"{'joining request':22} {'prompt':>6} {'steps to 1st tok':>16} {'others kept going':>17} "
+        f"{'join ms':>8} {'step ms':>8}"
     )
     print(header)
     print("-" * len(header))
     for row in join_rows:
         print(
-            f"{row['variant']:24} {row['join_prompt_tokens']:>6} "
-            f"{row['steps_to_first_token']:>16} {row['join_ms']:8.1f} "
-            f"{row['median_step_ms']:8.1f} {str(row['others_advanced_every_step']):>17}"
+            f"{row['variant']:22} {row['join_prompt_tokens']:>6} "
+            f"{row['steps_to_first_token']:>16} {str(row['others_advanced_every_step']):>17} "
+            f"{row['join_ms']:8.1f} {row['median_step_ms']:8.1f}"
         )
     info = bot.info()
     results = {

@@ -16,10 +16,14 @@ streamed once for the whole batch; that is where the aggregate throughput comes 
   (repetition penalty over its own history, its own seed, ``max_new_tokens``, the chatbot's
   EOS ids).
 
-Numerics: with one sequence in the step, the forward is op for op ``decoding.LlamaRunner``,
-so tokens equal ``Chatbot.generate_token_ids``. With several, the bf16 GEMMs run at M > 1,
-and oneDNN's GEMM rounds a few elements per row differently from its M = 1 GEMV kernel; rows
-do not influence each other, but a greedy sequence can take another token at a near-tie.
+Numerics: a step with a single row to decode and no prompt to evaluate is op for op
+``decoding.LlamaRunner``'s decode step, and a prompt evaluated in one piece is op for op its
+prefill, so a sequence decoding alone gets the tokens of ``Chatbot.generate_token_ids``. With
+several rows, the bf16 GEMMs run at M > 1, and oneDNN's GEMM rounds a few elements per row
+differently from its M = 1 GEMV (rows never influence one another: any M >= 2 gives the same
+row bits), and the batched attention sums a padded, masked row in another order; so a greedy
+sequence can take another token at a near-tie. In fp32 the differences are far smaller than
+any gap between candidate tokens seen in the tests.
 
 Models the flat forward does not cover (not a Llama with sdpa, IPEX-optimised, hooks or
 adapters) fall back to round-robin over per-sequence ``generate_token_ids`` streams: correct,
@@ -87,8 +91,6 @@ class BatchedLlama:
     """
 
     def __init__(self, model: torch.nn.Module, max_batch: int, attention: str = "auto") -> None:
-        if attention not in ("auto", "batched", "per-sequence"):
-            raise ValueError(f"attention must be auto, batched or per-sequence, got {attention!r}")
         # The runner's weight table (decoding._Layer) and rotary module; its own 1-position
         # caches go unused.
         runner = LlamaRunner(model, 1)
@@ -277,6 +279,8 @@ class Scheduler:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if attention not in ("auto", "batched", "per-sequence"):
+            raise ValueError(f"attention must be auto, batched or per-sequence, got {attention!r}")
         self.chatbot = chatbot
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from bot.config import load_settings
-from bot.connection import EmbeddedRedis, connect
+from bot.connection import EmbeddedRedis
 from inference.worker import WORKER_PREFIX
 from training.demo import load_pairs
 
@@ -26,8 +26,9 @@ def _sprbot() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_up_demo_answers_the_sample_faq_in_the_terminal_chat(data_dir, cli):
-    built = cli("model", "demo")
+    built = cli("model", "demo", timeout=1500)
     assert built.returncode == 0, built.stderr
     demo_dir = Path(built.stdout.strip().splitlines()[-1])
     marker = json.loads((demo_dir / "sprbot.json").read_text())
@@ -35,8 +36,15 @@ def test_up_demo_answers_the_sample_faq_in_the_terminal_chat(data_dir, cli):
     assert "NOT a real language model" in (demo_dir / "README.md").read_text()
 
     pairs = dict(load_pairs())
-    questions = ["What is sprbot?", "Do I need a GPU?", "/reset", "Who can run /retrain?"]
-    result = cli("up", "--demo", "--chat", stdin="\n".join(questions) + "\n", timeout=600)
+    questions = ["What is sprbot?", "/reset", "Do I need a GPU?", "/reset", "Who can run /retrain?"]
+    result = cli(
+        "up",
+        "--demo",
+        "--chat",
+        stdin="\n".join(questions) + "\n",
+        env={"SPRBOT_DO_SAMPLE": "false"},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     for question in ("What is sprbot?", "Do I need a GPU?", "Who can run /retrain?"):
         assert pairs[question] in result.stdout, result.stdout
@@ -47,10 +55,18 @@ def test_up_demo_answers_the_sample_faq_in_the_terminal_chat(data_dir, cli):
 
 def test_up_stops_its_worker_and_redis_on_sigterm(data_dir, tiny_model):
     env = {**os.environ, "SPRBOT_MODEL": str(tiny_model), "SPRBOT_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([_sprbot(), "up", "--no-chat"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [_sprbot(), "up", "--no-chat"], env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
-        client = connect(load_settings())
+        # Connect only once `up` has started the server: a client of ours would start it
+        # first, and `up` rightly leaves alone a server it did not start.
+        server = EmbeddedRedis(data_dir)
         deadline = time.monotonic() + 120
+        while not server.is_running():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        client = redis.Redis.from_url(server.url)
         while not (workers := list(client.scan_iter(WORKER_PREFIX + "*"))):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
