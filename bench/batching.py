@@ -11,7 +11,9 @@ variant gets the same prompts, and they take turns, one step each, so all of the
 load from moment to moment. A step gives every sequence one token, so decode tokens/s is the
 concurrency over the median step time (steps after the first, which evaluates the prompts;
 the median shrugs off the steps other processes stole time from); ``mean tok/s`` is tokens
-over the summed step time. Greedy, EOS ignored: each sequence decodes ``--new-tokens`` tokens.
+over the summed step time. "vs 1 conv" divides by one conversation decoded alone (the
+round-robin path with one sequence: ``Chatbot.generate_token_ids``), which takes its turns in
+the same lockstep. Greedy, EOS ignored: each sequence decodes ``--new-tokens`` tokens.
 
 The join figure: ``--max-batch - 1`` sequences decode; after ``--warm-steps`` steps one more
 is added with a prompt of ``--join-tokens`` tokens. Reported: the steps from ``add`` to its
@@ -43,6 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batched": {"attention": "auto"},
     "batched-per-seq-attn": {"attention": "per-sequence"},
 }
+ONE = "one conversation"
 
 
 def _bench_inference() -> Any:
@@ -66,19 +69,24 @@ def prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
 
 
 def lockstep(bot: Any, names: list[str], ids: list[list[int]], new: int) -> dict[str, list]:
-    """Step times of every variant decoding the same sequences, the variants taking turns."""
+    """Step times of every variant decoding the same sequences, the variants taking turns.
+
+    ``ONE`` is the reference taking its turns with them: one conversation (the first prompt)
+    decoded alone, as ``Chatbot.generate_token_ids`` does."""
     from inference import GenerationConfig
     from inference.batching import Scheduler
 
     config = GenerationConfig(do_sample=False, max_new_tokens=new)
-    schedulers = {name: Scheduler(bot, len(ids), **VARIANTS[name]) for name in names}
-    for scheduler in schedulers.values():
-        for key, prompt in enumerate(ids):
+    schedulers = {name: (Scheduler(bot, len(ids), **VARIANTS[name]), ids) for name in names}
+    schedulers[ONE] = (Scheduler(bot, 1, batched=False), ids[:1])
+    for scheduler, prompts_ in schedulers.values():
+        for key, prompt in enumerate(prompts_):
             scheduler.add(key, prompt, config)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    counts = {name: 0 for name in names}
-    while any(s.active for s in schedulers.values()):
-        for name, scheduler in schedulers.items():
+    times: dict[str, list[float]] = {name: [] for name in schedulers}
+    counts = dict.fromkeys(schedulers, 0)
+    first = dict.fromkeys(schedulers, True)
+    while any(s.active for s, _ in schedulers.values()):
+        for name, (scheduler, prompts_) in schedulers.items():
             if not scheduler.active:
                 continue
             started = time.perf_counter()
@@ -86,9 +94,11 @@ def lockstep(bot: Any, names: list[str], ids: list[list[int]], new: int) -> dict
             elapsed = time.perf_counter() - started
             tokens = sum(token is not None for _, token in events)
             counts[name] += tokens
-            if tokens == len(ids):  # a full decode step (the last one only reports ends)
+            # Decode steps only: not the first (prompts), not the last (it only reports ends).
+            if tokens == len(prompts_) and not first[name]:
                 times[name].append(elapsed)
-    assert all(c == new * len(ids) for c in counts.values()), counts
+            first[name] = False
+    assert all(counts[name] == new * len(p) for name, (_, p) in schedulers.items()), counts
     return times
 
 
@@ -173,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             times = lockstep(
                 bot, names, prompts(bot.tokenizer, c, args.prompt_tokens), args.new_tokens
             )
-            for name in names:
-                steps.setdefault((name, c), []).extend(times[name])
+            for name, values in times.items():
+                steps.setdefault((name, c), []).extend(values)
         for tokens in args.join_tokens.split(","):
             joins += [run_join(bot, name, args, int(tokens)) for name in names]
         print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         for c in levels:
             times = steps[(name, c)]
+            one = steps[(ONE, c)]
             table.append(
                 {
                     "variant": name,
@@ -191,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                     "mean_tok_s": c * len(times) / sum(times),
                     "step_ms_median": statistics.median(times) * 1e3,
                     "steps": len(times),
+                    "one_conversation_tok_s": 1 / statistics.median(one),
+                    # one conversation decoded alone, measured in the same lockstep
+                    "over_one_conversation": statistics.median(one) * c / statistics.median(times),
                 }
             )
     tok_s = {(row["variant"], row["concurrency"]): row["decode_tok_s"] for row in table}
     for row in table:
         rr = tok_s.get(("round-robin", row["concurrency"]))
         row["over_round_robin"] = row["decode_tok_s"] / rr if rr else None
-        row["over_one_conversation"] = row["decode_tok_s"] / tok_s[(names[0], levels[0])]
     join_rows = []
     for name in names:
         for tokens in args.join_tokens.split(","):
@@ -228,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['mean_tok_s']:10.1f} {row['step_ms_median']:8.1f} "
             f"{'' if vs_rr is None else f'{vs_rr:.2f}x':>14} {row['over_one_conversation']:8.2f}x"
         )
-    print(f"(vs 1 conv: over {names[0]} at concurrency {levels[0]})")
+    print("(vs 1 conv: over one conversation decoded alone, in the same lockstep)")
     print()
     header = (
         f"{'joining request':22} {'prompt':>6} {'steps to 1st tok':>16} {'others kept going':>17} "

@@ -14,6 +14,7 @@ Prints a table and writes JSON (default ``bench/results/inference.json``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -24,8 +25,18 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
+# This script is named like the `inference` package: keep bench/ off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
 sys.path.insert(0, str(BENCH_DIR.parent))
-sys.path.insert(0, str(BENCH_DIR))
+
+
+def _sibling(name: str) -> Any:
+    """Import bench/<name>.py without putting bench/ on the path."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def cache_dir() -> Path:
@@ -99,7 +110,7 @@ def measure_engine(path: Path, dtype: str, args: argparse.Namespace) -> dict[str
 
 def measure_ceiling(path: Path, dtype: str, threads: int) -> dict[str, Any]:
     import torch
-    from roofline import kernel_ceiling
+    kernel_ceiling = _sibling("roofline").kernel_ceiling
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             run["gb_s"] = run["weight_bytes"] * run["decode_tok_s"] / 1e9
             entry["engines"].append(run)
         if args.llamacpp:
-            import llamacpp
+            llamacpp = _sibling("llamacpp")
 
             gguf = llamacpp.convert_to_gguf(path, llamacpp.default_gguf_path(path))
             run = llamacpp.decode_benchmark(
