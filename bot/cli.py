@@ -52,10 +52,11 @@ def _ensure_demo(settings: Settings) -> Path:
 
     outdir = _demo_dir(settings)
     if not (outdir / "sprbot.json").exists():
-        typer.echo(f"Building the offline demo model in {outdir} (about a minute, once)...")
+        typer.echo(f"Building the offline demo model in {outdir} (a few minutes, once)...")
         with typer.progressbar(length=1, label="training on the sample FAQ") as bar:
             build_demo_model(outdir, progress=lambda step, total, loss: None)
             bar.update(1)
+    typer.echo("Using the offline DEMO model: it only knows sprbot's sample FAQ.", err=True)
     return outdir
 
 
@@ -64,7 +65,6 @@ def _load_chatbot(settings: Settings, model: str | None, demo: bool):
 
     if demo:
         model = str(_ensure_demo(settings))
-        typer.echo("Using the offline DEMO model: it only knows sprbot's sample FAQ.", err=True)
     return build_chatbot(PipelineConfig(model_name_or_path=model or settings.model))
 
 

@@ -24,7 +24,7 @@ SAMPLE_FAQ = Path(__file__).parent / "data" / "sample_faq.json"
 DEMO_NOTE = """# sprbot offline demo model
 
 This is NOT a real language model. It is a {params}-parameter Llama initialised at random by
-`sprbot model init-tiny` and then trained for a minute on sprbot's bundled sample FAQ
+`sprbot model init-tiny` and then trained for a few minutes on sprbot's bundled sample FAQ
 ({rows} questions). It answers those questions and produces nonsense for anything else.
 
 Point sprbot at a real model with `SPRBOT_MODEL=<Hugging Face id or local folder>`, e.g.
