@@ -20,6 +20,10 @@ is added with a prompt of ``--join-tokens`` tokens. Reported: the steps from ``a
 first token (1 = it came out of the very next step), whether every running sequence still got
 its token in each of those steps, and the wall time of those steps against a median step.
 
+``--hf C`` adds the evaluation behind our choice of scheduler: C prompts decoded to the end by
+our batched scheduler, by transformers' static batched ``generate`` and by its own continuous
+batching (``generate_batch``), on the same bf16 weights, taking turns; whole-job wall time.
+
 Prints a table and writes JSON (default ``bench/results/batching.json``).
 """
 
@@ -141,6 +145,70 @@ def run_join(bot: Any, name: str, args: argparse.Namespace, join_tokens: int) ->
     }
 
 
+def compare_hf(bot: Any, path: Path, args: argparse.Namespace, c: int) -> list[dict]:
+    """Aggregate tokens/s of ours vs transformers' ``generate`` and ``generate_batch``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from inference import GenerationConfig
+    from inference.batching import Scheduler
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    ids = prompts(bot.tokenizer, c, args.prompt_tokens)
+    new = args.new_tokens
+    hf_config = HFGenerationConfig(
+        do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=0
+    )
+
+    def ours() -> int:
+        scheduler = Scheduler(bot, c)
+        for key, prompt in enumerate(ids):
+            scheduler.add(key, prompt, GenerationConfig(do_sample=False, max_new_tokens=new))
+        made = 0
+        while scheduler.active:
+            made += sum(token is not None for _, token in scheduler.step())
+        return made
+
+    def static() -> int:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor(ids), generation_config=hf_config)
+        return (out.shape[1] - len(ids[0])) * c
+
+    def continuous() -> int:
+        with torch.inference_mode():
+            out = model.generate_batch(inputs=ids, generation_config=hf_config)
+        return sum(len(o.generated_tokens) for o in out.values())
+
+    variants = {
+        "sprbot scheduler": ours,
+        "transformers generate (static)": static,
+        "transformers generate_batch": continuous,
+    }
+    for run in variants.values():  # warm-up
+        run()
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    made: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for name, run in variants.items():
+            started = time.perf_counter()
+            made[name] = run()
+            walls[name].append(time.perf_counter() - started)
+    rows = [
+        {
+            "engine": name,
+            "concurrency": c,
+            "tokens": made[name],
+            "wall_s": statistics.median(walls[name]),
+            "tok_s": made[name] / statistics.median(walls[name]),
+        }
+        for name in variants
+    ]
+    for row in rows:
+        row["ours_over_this"] = rows[0]["tok_s"] / row["tok_s"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", help="tiny, small or base (init-tiny)")
@@ -154,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=8, help="for the join figure")
     parser.add_argument("--warm-steps", type=int, default=8)
     parser.add_argument("--join-tokens", default="100,1500", help="join prompt lengths")
+    parser.add_argument("--hf", type=int, default=0, help="compare with transformers at C")
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "batching.json"))
     args = parser.parse_args(argv)
 
@@ -255,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['steps_to_first_token']:>16} {str(row['others_advanced_every_step']):>17} "
             f"{row['join_ms']:8.1f} {row['median_step_ms']:8.1f}"
         )
+    hf_rows = compare_hf(bot, path, args, args.hf) if args.hf else []
+    if hf_rows:
+        print()
+        header = f"{'whole job, ' + str(args.hf) + ' prompts':32} {'tok/s':>7} {'ours/this':>9}"
+        print(header)
+        print("-" * len(header))
+        for row in hf_rows:
+            print(f"{row['engine']:32} {row['tok_s']:7.1f} {row['ours_over_this']:8.2f}x")
     info = bot.info()
     results = {
         "bench": "batching",
@@ -273,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": info["transformers"],
         "throughput": table,
         "join": join_rows,
+        "vs_transformers": hf_rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

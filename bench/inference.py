@@ -3,6 +3,12 @@ llama.cpp on the same weights.
 
     python bench/inference.py                      # small: fp32, bf16, kernel ceiling
     python bench/inference.py --sizes small,base --llamacpp --ipex-python .venv-ipex/bin/python
+    python bench/inference.py --concurrency 1,8                 # through the worker, small
+    python bench/inference.py --sizes base --concurrency 1,8 --llama-server
+
+``--concurrency`` measures aggregate tokens/s through the inference worker instead (see
+bench/serving.py), and ``--llama-server`` runs llama.cpp's own server with ``--parallel`` the
+highest concurrency on the same weights, as many clients, for the side-by-side.
 
 Each figure is the median of ``--repeats`` runs after a warm-up, measured in this one run, so
 compare the ratios: these machines are shared and noisy. Decode tokens/s counts the tokens
@@ -94,7 +100,9 @@ def measure_engine(path: Path, dtype: str, args: argparse.Namespace) -> dict[str
                 {"first_token_s": first - started, "decode_tok_s": (count - 1) / (end - first)}
             )
     info = bot.info()
+    raw = _raw_generate_tok_s(bot, ids, args) if info["backend"] == "ipex" else None
     return {
+        "raw_generate_decode_tok_s": raw,
         "engine": f"sprbot ({info['backend']})",
         "dtype": dtype,
         "backend": info["backend"],
@@ -108,8 +116,45 @@ def measure_engine(path: Path, dtype: str, args: argparse.Namespace) -> dict[str
     }
 
 
+def _raw_generate_tok_s(bot: Any, ids: list[int], args: argparse.Namespace) -> float:
+    """Decode tokens/s of the optimised model's own ``generate`` on this thread, with nothing of
+    ours around it: what our IPEX path should match."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    rates = []
+    input_ids = torch.tensor([ids])
+    for i in range(1 + args.repeats):
+        clock = Clock()
+        with torch.inference_mode():
+            bot.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                streamer=clock,
+            )
+        new = clock.times[1:]  # the first put is the prompt
+        if i:
+            rates.append((len(new) - 1) / (new[-1] - new[0]))
+    return statistics.median(rates)
+
+
 def measure_ceiling(path: Path, dtype: str, threads: int) -> dict[str, Any]:
     import torch
+
     kernel_ceiling = _sibling("roofline").kernel_ceiling
     from transformers import AutoModelForCausalLM
 
@@ -148,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llamacpp", action="store_true", help="compare with llama.cpp")
     parser.add_argument("--ipex-python", help="python of a venv with the ipex extra")
+    parser.add_argument(
+        "--concurrency", help="comma list, e.g. 1,8: aggregate tokens/s through the worker"
+    )
+    parser.add_argument(
+        "--llama-server", action="store_true", help="with --concurrency: llama-server side by side"
+    )
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "inference.json"))
     parser.add_argument("--engine-only", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
@@ -156,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine_only:  # child mode for --ipex-python
         print(json.dumps(measure_engine(Path(args.engine_only), args.dtype, args)))
         return 0
+    if args.concurrency:
+        return serving_main(args)
 
     results: dict[str, Any] = {"args": vars(args), "sizes": {}}
     rows = []
@@ -216,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{'' if ceiling is None else f'{ceiling:.0%}':>10} "
             f"{'' if vs is None else f'{vs:.2f}x':>12}"
         )
+    for size, e in rows:
+        if e.get("raw_generate_decode_tok_s"):
+            print(
+                f"{size}: the IPEX-optimised model's own generate, nothing of ours around it: "
+                f"{e['raw_generate_decode_tok_s']:.1f} tok/s"
+            )
     for size, entry in results["sizes"].items():
         print(
             f"{size}: bf16/fp32 = {entry['bf16_over_fp32']:.2f}x; kernel ceiling "
@@ -223,6 +282,82 @@ def main(argv: list[str] | None = None) -> int:
             f"fp32 {entry['kernel_ceiling_float32']['gb_s']:.1f} GB/s"
         )
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+def serving_main(args: argparse.Namespace) -> int:
+    """``--concurrency``: aggregate tokens/s through the worker (and llama-server)."""
+    from transformers import AutoTokenizer
+
+    concurrencies = sorted(int(c) for c in args.concurrency.split(","))
+    results: dict[str, Any] = {"args": vars(args), "sizes": {}}
+    header = f"{'size':6} {'engine':22} {'conc':>4} {'wall tok/s':>10} {'decode tok/s':>12} "
+    header += f"{'1st tok ms':>10} {'vs conc 1':>9}"
+    lines = []
+    for size in args.sizes.split(","):
+        path = model_dir(size)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        text = tokenizer.decode(prompt_ids(tokenizer, args.prompt_tokens))
+        entry = _sibling("serving").measure(
+            path,
+            concurrencies,
+            prompt_text=text,
+            new_tokens=args.new_tokens,
+            threads=args.threads,
+            repeats=args.repeats,
+        )
+        for row in entry["concurrency"]:
+            lines.append(
+                f"{size:6} {'sprbot worker (bf16)':22} {row['concurrency']:4d} "
+                f"{row['wall_tok_s']:10.1f} {row['decode_tok_s']:12.1f} "
+                f"{row['first_token_s'] * 1e3:10.1f} {row['vs_lowest_concurrency']:8.2f}x"
+            )
+        if args.llama_server:
+            llamacpp = _sibling("llamacpp")
+            gguf = llamacpp.convert_to_gguf(path, llamacpp.default_gguf_path(path))
+            top = max(concurrencies)
+            server = llamacpp.server_benchmark(
+                gguf,
+                parallel=top,
+                clients=top,
+                new_tokens=args.new_tokens,
+                threads=args.threads,
+                prompt_tokens=args.prompt_tokens,
+                repeats=args.repeats,
+            )
+            ours = entry["concurrency"][-1]
+            entry["llama_server"] = server
+            entry["wall_over_llama_server"] = ours["wall_tok_s"] / server["wall_tok_s"]
+            entry["decode_over_llama_server"] = (
+                ours["decode_tok_s"] / server["aggregate_decode_tok_s"]
+            )
+            lines.append(
+                f"{size:6} {'llama-server':22} {top:4d} {server['wall_tok_s']:10.1f} "
+                f"{server['aggregate_decode_tok_s']:12.1f}"
+            )
+        results["sizes"][size] = entry
+    print(header)
+    print("-" * len(header))
+    print("\n".join(lines))
+    for size, entry in results["sizes"].items():
+        join = entry["join"]
+        print(
+            f"{size}: a request joining {join['running']} running ones got its first token "
+            f"after {join['first_token_s'] * 1e3:.0f} ms = {join['steps']:.1f} decode steps "
+            f"(runs {join['steps_runs']})"
+        )
+        if "llama_server" in entry:
+            print(
+                f"{size}: ours / llama-server at {max(concurrencies)} clients: wall "
+                f"{entry['wall_over_llama_server']:.2f}x, decode "
+                f"{entry['decode_over_llama_server']:.2f}x"
+            )
+    out = Path(args.out)
+    if out.name == "inference.json":
+        out = out.with_name("serving.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {out}")

@@ -36,3 +36,21 @@ def test_build_chatbot_uses_ipex_and_answers(tiny_model):
     assert "".join(pieces) == answer
     sampled = bot.predict("Tell me a story", GenerationConfig(max_new_tokens=16, seed=3))
     assert isinstance(sampled, str)
+
+
+def test_closing_a_stream_early_leaves_the_engine_serving(tiny_model):
+    bot = build_chatbot(
+        PipelineConfig(
+            model_name_or_path=str(tiny_model),
+            optimization_config=MixedPrecisionConfig(dtype="bfloat16", force=True),
+        )
+    )
+    bot.eos_token_ids = set()  # the random model must not end the stream before it is closed
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=24)
+    expected = bot.predict("Tell me about Intel Xeon Scalable Processors.", greedy)
+    ids, config = bot.prepare([{"role": "user", "content": "Hi"}], greedy)
+    stream = bot.generate_token_ids(ids, config)
+    next(stream)
+    stream.close()  # a client gone mid-answer: generate stops instead of running to the end
+    # The one generate thread is free again: the next request is answered, unchanged.
+    assert bot.predict("Tell me about Intel Xeon Scalable Processors.", greedy) == expected
