@@ -1,8 +1,10 @@
 """The console channel: ``sprbot chat`` in a terminal, through the same bus as Slack.
 
 Each terminal session is its own channel (``console-<id>``), so its replies never reach
-another terminal. Commands go to ``bot.commands``; everything else is a ``ChatRequest`` that an
-inference worker answers, streamed back as deltas.
+another terminal. Commands go to ``bot.commands`` as platform ``console``, whose admins are
+``SPRBOT_CONSOLE_ADMINS`` (default: the local OS user); everything else is a ``ChatRequest``
+that an inference worker answers, streamed back as deltas. A terminal cannot reply to a
+message, so ``/faq correct`` corrects the last answer of the session.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Callable
 from typing import TextIO
 
 from bot.bus import Bus, ReplyAssembler
-from bot.commands import CommandContext, dispatch
+from bot.commands import CommandContext, Stores, dispatch
+from bot.faq import Exchange
 from bot.memory import ConversationMemory
 from bot.schemas import ChatRequest, request_id
 
@@ -29,9 +32,11 @@ class ConsoleChannel:
         *,
         out: TextIO = sys.stdout,
         timeout_s: float = 600.0,
+        stores: Stores | None = None,
     ) -> None:
         self.bus = bus
         self.memory = memory
+        self.stores = stores
         self.out = out
         self.timeout_s = timeout_s
         self.session = uuid.uuid4().hex[:12]
@@ -39,10 +44,20 @@ class ConsoleChannel:
         self.user = getpass.getuser()
         self.conversation = f"console/{self.user}@{socket.gethostname()}/{self.session}"
         self._turn = 0
+        self.last: Exchange | None = None  # the last answer, for /faq correct
 
     def handle(self, text: str) -> str:
         """Answer one line of input; the streamed answer is written to ``out`` as it comes."""
-        context = CommandContext(self.channel, self.conversation, self.user, self.memory)
+        context = CommandContext(
+            self.channel,
+            self.conversation,
+            self.user,
+            self.memory,
+            platform="console",
+            user_name=self.user,
+            stores=self.stores,
+            replying_to=self.last,
+        )
         reply = dispatch(text, context)
         if reply is not None:
             self.out.write(reply + "\n")
@@ -58,7 +73,9 @@ class ConsoleChannel:
             text=text,
         )
         self.bus.submit(request)
-        return self.await_reply(request.id, self.out.write)
+        answer = self.await_reply(request.id, self.out.write)
+        self.last = Exchange(text, answer, request.id) if answer else None
+        return answer
 
     def await_reply(self, request_id: str, show: Callable[[str], object]) -> str:
         """Show the reply's text as it streams in; return the final text (or the error)."""

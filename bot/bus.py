@@ -339,6 +339,13 @@ class Bus:
         """End a request with an error reply (``message`` is shown to the user), once."""
         return self._settle_many([(delivery, delivery.error(code, message))])[0]
 
+    def announce(self, event: FinalEvent | ErrorEvent) -> bool:
+        """Write the final or error event of work that did not come from the request stream (a
+        training job reporting to the admin who started it), once per request id."""
+        return bool(
+            self._settle_call(self.redis, event, source=REQUESTS, group=REQUEST_GROUP, entry_id="")
+        )
+
     # -- adapters ----------------------------------------------------------------------------
 
     def read_replies(

@@ -26,9 +26,13 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the configuration (SPRBOT_* variables and .env).")
 model_app = typer.Typer(help="Make, inspect and try models.")
 worker_app = typer.Typer(help="Background workers.")
+faq_app = typer.Typer(help="The FAQ: what the bot answers from, and what it is trained on.")
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(worker_app, name="worker")
+app.add_typer(faq_app, name="faq")
+adapter_app = typer.Typer(help="Chat platform adapters: each connects one platform to the bus.")
+app.add_typer(adapter_app, name="adapter")
 
 
 class UserError(SprbotError):
@@ -143,6 +147,62 @@ def predict(
     typer.echo()
 
 
+@app.command()
+def finetune(
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            help="YAML or JSON with model_args, data_args, training_args, finetune_args.",
+        ),
+    ],
+    merge_to: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the base model with the adapter merged in, to serve it without peft."
+        ),
+    ] = None,
+) -> None:
+    """Fine-tune a model, as NeuralChat's finetune_model (LoRA in bf16 by default). Under
+    `torchrun --nproc-per-node N -m bot.cli finetune ...` every process trains (DDP). See
+    docs/FINETUNING.md."""
+    import os
+
+    _settings()
+    from training import finetune_model, load_config
+
+    cfg = load_config(config)
+    main_process = os.environ.get("RANK", "0") == "0"
+    bar = None
+
+    def progress(step: int, total: int, loss: float | None) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = typer.progressbar(
+                length=total, label="fine-tuning", item_show_func=lambda item: item
+            )
+            bar.__enter__()
+        if loss is not None:
+            bar.current_item = f"loss {loss:.4f}"
+        bar.update(step - bar.pos)
+
+    try:
+        result = finetune_model(cfg, progress=progress if main_process else None)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if not main_process:
+        return
+    typer.echo(
+        f"wrote the {'model' if result.full_finetune else 'LoRA adapter'} to {result.output_dir}"
+    )
+    for key in ("train_loss", "eval_loss", "perplexity", "eval_rouge1", "eval_rougeL"):
+        if result.metrics.get(key) is not None:
+            typer.echo(f"  {key}: {result.metrics[key]:.4f}")
+    if merge_to is not None:
+        typer.echo(f"wrote the merged model to {result.export_merged(merge_to)}")
+
+
 def _bus(settings: Settings):
     from bot.bus import Bus
     from bot.connection import connect
@@ -161,6 +221,14 @@ def _memory(settings: Settings, bus):
     return ConversationMemory(bus.redis, ttl_s=settings.memory_ttl_s)
 
 
+def _stores(settings: Settings, client):
+    """The stores commands act on, with /retrain's queue (the training package's)."""
+    from bot.commands import Stores
+    from training.jobs import TrainingQueue
+
+    return Stores.build(settings, client, training=TrainingQueue(client, settings))
+
+
 @worker_app.command("inference")
 def worker_inference(
     model: Annotated[
@@ -173,11 +241,32 @@ def worker_inference(
     import signal
     import threading
 
-    from inference.worker import InferenceWorker, WorkerOptions
+    from bot.commands import Stores
+    from bot.registry import BASE
+    from inference import PipelineConfig
+    from inference.worker import InferenceWorker, WorkerOptions, version_loader
 
     settings = _settings()
     bus = _bus(settings)
-    chatbot = _load_chatbot(settings, model, demo)
+    stores = Stores.build(settings, bus.redis)
+    if demo:
+        model = str(_ensure_demo(settings))
+    # The registry's serving version, loaded the way the configured model (the base) is.
+    loader = version_loader(
+        stores.models, PipelineConfig(model_name_or_path=model or settings.model)
+    )
+    version = stores.models.current()
+    try:
+        chatbot = loader(version)
+    except Exception as exc:
+        if version == BASE:
+            raise
+        logging.getLogger("sprbot").error(
+            "cannot load the serving version %s (%s); serving the configured model instead",
+            version,
+            exc,
+        )
+        version, chatbot = BASE, loader(BASE)
     worker = InferenceWorker(
         chatbot,
         bus,
@@ -187,12 +276,38 @@ def worker_inference(
             max_batch=settings.max_batch,
             max_prompt_tokens=settings.max_prompt_tokens,
             reclaim_idle_ms=settings.reclaim_idle_ms,
+            faq_grounding=settings.faq_grounding == "on",
+            faq_threshold=settings.faq_threshold,
+            faq_context=settings.faq_context,
+            answered_ttl_s=settings.memory_ttl_s,
         ),
+        faq=stores.faq,
+        registry=stores.models,
+        loader=loader,
+        version=version,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     worker.run(stop)
+
+
+@worker_app.command("train")
+def worker_train(
+    model: Annotated[
+        str | None, typer.Option(help="Base model to fine-tune (default: SPRBOT_MODEL).")
+    ] = None,
+    demo: Annotated[bool, typer.Option(help="Fine-tune the offline demo model.")] = False,
+    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+) -> None:
+    """Run /retrain jobs (RQ queue "training"): fine-tune on the approved FAQ, evaluate,
+    register and promote. Stops on SIGTERM; a job it was running ends failed and is reported."""
+    from training.jobs import run_worker
+
+    settings = _settings()
+    if demo:
+        model = str(_ensure_demo(settings))
+    run_worker(settings, model or settings.model, burst=burst)
 
 
 @app.command()
@@ -206,7 +321,7 @@ def _console(settings: Settings) -> None:
     from adapters.console import ConsoleChannel
 
     bus = _bus(settings)
-    channel = ConsoleChannel(bus, _memory(settings, bus))
+    channel = ConsoleChannel(bus, _memory(settings, bus), stores=_stores(settings, bus.redis))
     typer.echo("sprbot chat. /help for commands, Ctrl-D to leave.")
     try:
         while True:
@@ -237,6 +352,32 @@ def _wait_for_worker(settings: Settings, proc, timeout_s: float = 600) -> None:
         time.sleep(0.2)
 
 
+def _configured_adapters(settings: Settings) -> list[str]:
+    """The adapters whose credentials are set: `sprbot up` starts each one."""
+    from adapters.slack import configured as slack_configured
+
+    return ["slack"] if slack_configured(settings) else []
+
+
+@adapter_app.command("slack")
+def adapter_slack() -> None:
+    """Connect Slack to the bus: Socket Mode when SPRBOT_SLACK_APP_TOKEN is set, else HTTP on
+    SPRBOT_SLACK_PORT at /slack/events. Stops cleanly on SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from adapters.slack import SlackAdapter
+
+    settings = _settings()
+    bus = _bus(settings)
+    stores = _stores(settings, bus.redis)
+    adapter = SlackAdapter(settings, bus, _memory(settings, bus), stores=stores)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    adapter.serve(stop)
+
+
 @app.command()
 def up(
     model: Annotated[
@@ -248,8 +389,11 @@ def up(
         typer.Option("--chat/--no-chat", help="Open a terminal chat (default: on a TTY)."),
     ] = None,
 ) -> None:
-    """Start everything for one machine: the embedded Redis (unless SPRBOT_REDIS_URL is set)
-    and an inference worker; with a terminal, a chat too. Ctrl-C or SIGTERM stops it all."""
+    """Start everything for one machine: the embedded Redis (unless SPRBOT_REDIS_URL is set),
+    an inference worker, and each chat adapter whose credentials are set (Slack:
+    SPRBOT_SLACK_BOT_TOKEN plus a signing secret or app token), a training worker for
+    /retrain; with a terminal, a chat too.
+    Ctrl-C or SIGTERM stops it all."""
     import signal
     import subprocess
     import time
@@ -265,7 +409,10 @@ def up(
     worker_cmd = [sys.executable, "-m", "bot.cli", "worker", "inference"]
     if model:
         worker_cmd += ["--model", model]
-    children = [subprocess.Popen(worker_cmd)]
+    train_cmd = [sys.executable, "-m", "bot.cli", "worker", "train"]
+    if model:
+        train_cmd += ["--model", model]
+    children = [subprocess.Popen(worker_cmd), subprocess.Popen(train_cmd)]
     stop = False
 
     def _terminate(*_):
@@ -276,6 +423,9 @@ def up(
     try:
         typer.echo("Loading the model in the inference worker...", err=True)
         _wait_for_worker(settings, children[0])
+        for name in _configured_adapters(settings):
+            children.append(subprocess.Popen([sys.executable, "-m", "bot.cli", "adapter", name]))
+            typer.echo(f"Started the {name} adapter.", err=True)
         if chat if chat is not None else sys.stdin.isatty():
             _console(settings)
         else:
@@ -300,7 +450,8 @@ def up(
 
 @app.command()
 def status() -> None:
-    """Workers, queue depth, pending and dead-lettered requests."""
+    """Workers (and the model version each serves), queue depth, pending and dead-lettered
+    requests, the serving version, and the FAQ: entries, grounding threshold and hit rate."""
     import time
 
     from inference.worker import WORKER_PREFIX
@@ -309,9 +460,7 @@ def status() -> None:
     bus = _bus(settings)
     stats = bus.stats()
     waiting = stats.backlog - stats.pending
-    typer.echo(
-        f"queue: {waiting} waiting, {stats.pending} in progress, {stats.dead} dead-lettered"
-    )
+    typer.echo(f"queue: {waiting} waiting, {stats.pending} in progress, {stats.dead} dead-lettered")
     keys = sorted(bus.redis.scan_iter(match=WORKER_PREFIX + "*"))
     typer.echo(f"workers: {len(keys)}")
     for key in keys:
@@ -320,9 +469,175 @@ def status() -> None:
             continue
         age = time.time() - float(w.get("updated_at", 0))
         typer.echo(
-            f"  {w['id']}: {w['model']} ({w['dtype']}, {w['backend']}), "
-            f"batch {w['batch']}/{w['max_batch']}, served {w['served']}, seen {age:.0f}s ago"
+            f"  {w['id']}: {w.get('version', 'base')} = {w['model']} ({w['dtype']}, "
+            f"{w['backend']}), batch {w['batch']}/{w['max_batch']}, served {w['served']}, "
+            f"FAQ grounding {w.get('faq', 'off')}, seen {age:.0f}s ago"
         )
+        if w.get("loading"):
+            typer.echo(f"    loading {w['loading']} in the background")
+        if w.get("load_error"):
+            typer.echo(f"    failed to load {w['load_error']}")
+    _status_learning(settings, bus.redis)
+
+
+def _status_learning(settings: Settings, client) -> None:
+    from bot.faq import FaqStore, WordEmbedder
+    from bot.registry import ModelRegistry
+
+    registry = ModelRegistry(client, settings.data_dir)
+    typer.echo(f"model: serving {registry.current()}, {len(registry.versions())} trained versions")
+    faq = FaqStore(client, WordEmbedder())  # counting needs no embeddings
+    counts = faq.counts()
+    typer.echo(f"faq: {counts['approved']} approved, {counts['candidate']} candidates")
+    if settings.faq_grounding == "off":
+        typer.echo("faq grounding: off (SPRBOT_FAQ_GROUNDING)")
+        return
+    s = faq.grounding_stats()
+    rate = f"{s['hits'] / s['asked']:.0%}" if s["asked"] else "n/a"
+    typer.echo(
+        f"faq grounding: on, threshold {settings.faq_threshold:g}: {s['hits']} of {s['asked']} "
+        f"questions answered from the FAQ (hit rate {rate}), {s['context']} with FAQ context"
+    )
+
+
+def _shell_stores(settings: Settings):
+    from bot.connection import connect
+
+    return _stores(settings, connect(settings))
+
+
+def _shell_action(stores, command: str, arguments: str, run) -> str:
+    """Run an FAQ change from the shell, audited like the chat's (platform ``shell``)."""
+    import getpass
+
+    record = dict(platform="shell", channel="shell", user_id=getpass.getuser(), command=command)
+    try:
+        reply = run()
+    except SprbotError as exc:
+        stores.audit.record(**record, arguments=arguments, result="error", detail=str(exc))
+        raise
+    stores.audit.record(**record, arguments=arguments, result="ok", detail=reply)
+    return reply
+
+
+def _shell_author() -> str:
+    import getpass
+
+    return f"shell:{getpass.getuser()}"
+
+
+FaqFormat = Annotated[
+    str | None, typer.Option("--format", help="json (Alpaca) or csv; default: from the suffix.")
+]
+
+
+def _format(fmt: str | None, path: Path | None) -> str:
+    fmt = fmt or (path.suffix.lstrip(".").lower() if path else "json")
+    if fmt not in ("json", "csv"):
+        raise UserError(f"--format must be json or csv, got {fmt!r}")
+    return fmt
+
+
+@faq_app.command("add")
+def faq_add(
+    question: Annotated[str, typer.Argument(help="The question, as users ask it.")],
+    answer: Annotated[str, typer.Argument(help="The answer the bot should give.")],
+) -> None:
+    """Add an approved entry; a near duplicate of an existing question updates that one."""
+    from bot.commands import describe_add
+
+    settings = _settings()
+    stores = _shell_stores(settings)
+
+    def run() -> str:
+        return describe_add(
+            stores.faq.add(
+                question, answer, source="admin", author=_shell_author(), channel="shell"
+            )
+        )
+
+    typer.echo(_shell_action(stores, "faq add", f"{question} | {answer}", run))
+
+
+@faq_app.command("list")
+def faq_list(
+    status: Annotated[str | None, typer.Option(help="Only candidate or approved entries.")] = None,
+) -> None:
+    """Every entry: id, status, question, answer, source and author."""
+    from bot.commands import describe
+
+    if status not in (None, "candidate", "approved"):
+        raise UserError(f"--status must be candidate or approved, got {status!r}")
+    entries = _shell_stores(_settings()).faq.entries(status)  # type: ignore[arg-type]
+    for entry in entries:
+        typer.echo(describe(entry))
+    if not entries:
+        typer.echo("The FAQ is empty." if status is None else f"No {status} entries.")
+
+
+@faq_app.command("approve")
+def faq_approve(entry_id: Annotated[int, typer.Argument(help="The entry's id.")]) -> None:
+    """Approve a candidate entry (one recorded from a 👍)."""
+    stores = _shell_stores(_settings())
+
+    def run() -> str:
+        entry, changed = stores.faq.approve(entry_id)
+        return f"Approved FAQ #{entry.id}." if changed else f"FAQ #{entry.id} is already approved."
+
+    typer.echo(_shell_action(stores, "faq approve", str(entry_id), run))
+
+
+@faq_app.command("remove")
+def faq_remove(entry_id: Annotated[int, typer.Argument(help="The entry's id.")]) -> None:
+    """Delete an entry."""
+    stores = _shell_stores(_settings())
+
+    def run() -> str:
+        return f"Removed FAQ #{stores.faq.remove(entry_id).id}."
+
+    typer.echo(_shell_action(stores, "faq remove", str(entry_id), run))
+
+
+@faq_app.command("import")
+def faq_import(
+    file: Annotated[Path, typer.Argument(help="An export, Alpaca JSON, or CSV.", exists=True)],
+    fmt: FaqFormat = None,
+) -> None:
+    """Add the rows of an export, any Alpaca JSON, or a CSV; one bad row imports nothing.
+
+    A CSV has question/answer (or instruction/output) columns. An export round-trips: ids,
+    statuses, sources, authors and timestamps come back as they were."""
+    fmt = _format(fmt, file)
+    stores = _shell_stores(_settings())
+
+    def run() -> str:
+        text = file.read_text(encoding="utf-8")
+        result = stores.faq.import_text(text, fmt, author=_shell_author(), channel="shell")  # type: ignore[arg-type]
+        return (
+            f"Imported {file}: {result.added} added, {result.updated} updated, "
+            f"{result.unchanged} unchanged."
+        )
+
+    typer.echo(_shell_action(stores, "faq import", str(file), run))
+
+
+@faq_app.command("export")
+def faq_export(
+    file: Annotated[Path | None, typer.Argument(help="Where to write; default: stdout.")] = None,
+    fmt: FaqFormat = None,
+    status: Annotated[str | None, typer.Option(help="Only candidate or approved entries.")] = None,
+) -> None:
+    """Write the FAQ as Alpaca JSON (instruction/input/output plus sprbot's metadata) or CSV."""
+    if status not in (None, "candidate", "approved"):
+        raise UserError(f"--status must be candidate or approved, got {status!r}")
+    fmt = _format(fmt, file)
+    faq = _shell_stores(_settings()).faq
+    text = faq.export(fmt, status)  # type: ignore[arg-type]
+    if file is None:
+        typer.echo(text, nl=False)
+    else:
+        file.write_text(text, encoding="utf-8")
+        typer.echo(f"exported {len(faq.entries(status))} entries to {file}", err=True)  # type: ignore[arg-type]
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ naming the variable and never echoing a secret.
 
 from __future__ import annotations
 
+import getpass
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,7 +52,23 @@ class Settings(BaseSettings):
     do_sample: bool = Field(True, description="Sample (True) or decode greedily (False).")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest reply, in tokens.")
     faq_grounding: Literal["on", "off"] = Field(
-        "on", description="Answer close FAQ questions straight from the FAQ store."
+        "on",
+        description="Answer close FAQ questions straight from the FAQ store, and put the "
+        "closest entries into the prompt; off: the model answers alone.",
+    )
+    faq_threshold: float = Field(
+        0.85, ge=0.0, le=1.0, description="Cosine at which a question is answered from the FAQ."
+    )
+    faq_context: int = Field(
+        3, ge=0, le=20, description="Closest FAQ entries put into the prompt (0: none)."
+    )
+    faq_embeddings: Literal["on", "off"] = Field(
+        "on",
+        description="on: all-MiniLM-L6-v2 sentence embeddings (bundled, offline); off: "
+        "similarity of the normalised words.",
+    )
+    faq_duplicate_threshold: float = Field(
+        0.9, ge=0.0, le=1.0, description="Cosine at which an added question updates an entry."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -68,6 +85,23 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, ge=1, le=256, description="Conversations decoded together.")
     memory_ttl_s: int = Field(7 * 86_400, ge=60, description="Conversation memory lifetime.")
 
+    # Retraining (/retrain and `sprbot worker train`)
+    train_epochs: float = Field(10.0, gt=0, description="Epochs over the approved FAQ.")
+    train_learning_rate: float = Field(2e-4, gt=0, description="LoRA learning rate.")
+    train_lora_rank: int = Field(16, ge=1, le=256, description="LoRA rank (alpha: twice it).")
+    train_timeout_s: int = Field(
+        4 * 3600, ge=60, description="A retrain running longer is stopped and reported failed."
+    )
+    train_held_out_min_rows: int = Field(
+        20, ge=2, description="From this many FAQ pairs on, every 10th is held out for eval."
+    )
+    train_monitor_s: int = Field(
+        15, ge=1, description="Training worker heartbeat; a killed one is noticed 60 s after."
+    )
+    train_maintenance_s: int = Field(
+        30, ge=1, description="How often training workers fail jobs whose worker died."
+    )
+
     # Telegram
     telegram_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org/bot"
@@ -83,11 +117,20 @@ class Settings(BaseSettings):
     slack_admins: CommaList = Field(default_factory=list)
     slack_port: int = Field(3000, ge=1, le=65535)
 
+    # The terminal (`sprbot chat`): its user is the local OS user.
+    console_admins: CommaList = Field(
+        default_factory=lambda: [getpass.getuser()],
+        description="Admins in `sprbot chat`; default: the local OS user (who owns the data "
+        "dir anyway). Empty: nobody.",
+    )
+
     # Web
     web_port: int = Field(8080, ge=1, le=65535)
     web_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
-    @field_validator("telegram_admins", "slack_admins", "web_api_keys", mode="before")
+    @field_validator(
+        "telegram_admins", "slack_admins", "console_admins", "web_api_keys", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -98,6 +141,16 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    def admins(self, platform: str) -> frozenset[str]:
+        """The admin user ids of one platform (``slack``, ``telegram``, ``console``); none for
+        any other platform, so its users can run no admin command."""
+        ids = {
+            "slack": self.slack_admins,
+            "telegram": self.telegram_admins,
+            "console": self.console_admins,
+        }.get(platform, [])
+        return frozenset(ids)
 
     def redacted(self) -> dict[str, str]:
         """Effective values as strings, secrets masked, for ``sprbot config show``."""

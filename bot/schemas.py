@@ -122,6 +122,11 @@ class FinalEvent(_ReplyBase):
 
     kind: Literal["final"] = "final"
     text: str
+    attachments: list[str] = Field(
+        default_factory=list,
+        description="Files to upload with the answer (a training report's loss.png), by path "
+        "on the shared data dir.",
+    )
 
 
 class ErrorEvent(_ReplyBase):

@@ -5,6 +5,23 @@ the continuous-batching ``Scheduler``: new requests join the running batch betwe
 steps. Deltas are coalesced (every few tokens or a quarter second) so adapters are not
 flooded. A request is acknowledged only with its final reply (``Bus.finish``); a worker that
 dies leaves its requests pending, and another worker reclaims them.
+
+FAQ grounding (``WorkerOptions.faq_grounding``): each new question is compared with the
+approved FAQ entries. At cosine >= ``faq_threshold`` the entry's answer is the reply,
+prefixed ``From the team FAQ:``, streamed and finished like any other; below it, the
+``faq_context`` closest entries go into the system message. Hits are counted in
+``sprbot:faq:stats`` for ``sprbot status``.
+
+Hot reload: with a ``ModelRegistry`` and a loader, the worker follows the serving version. It
+subscribes to ``sprbot:events:model`` (and checks ``sprbot:model:current`` at each heartbeat,
+for an event missed while disconnected), loads the new version in a background thread, and
+swaps it in between two decode steps of the main loop. The swap semantics: requests admitted
+after the swap run on the new version; requests already decoding finish on the version they
+started with, which stays loaded until its last one ends (so an answer never changes model
+half-way, none is restarted, failed or dropped, and none waits for the load). While both
+serve, each loop iteration steps both batches. A version that fails to load is reported in
+the heartbeat (``load_error``) and the worker keeps serving what it has; announcing the
+version again (``/model use``) retries.
 """
 
 from __future__ import annotations
@@ -14,20 +31,25 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import redis
 
 from bot.bus import FAILED_MESSAGE, Bus, Delivery
+from bot.faq import Exchange, FaqEntry, FaqStore
 from bot.memory import ConversationMemory
+from bot.registry import BASE, EVENTS, ModelRegistry, parse_event
 from inference.batching import Scheduler
-from inference.chatbot import Chatbot, IncrementalDecoder
-from inference.config import GenerationConfig
+from inference.chatbot import Chatbot, IncrementalDecoder, build_chatbot
+from inference.config import GenerationConfig, LoadingModelConfig, PipelineConfig
 from inference.errors import EmptyQueryError, PromptTooLongError
+from inference.templates import DEFAULT_SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
 
 WORKER_PREFIX = "sprbot:worker:"
+FAQ_PREFIX = "From the team FAQ: "
 
 
 @dataclass
@@ -39,12 +61,27 @@ class WorkerOptions:
     coalesce_s: float = 0.25
     heartbeat_s: float = 2.0
     drain_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    faq_grounding: bool = False  # answer close questions from the FAQ, give the rest context
+    faq_threshold: float = 0.85  # cosine at which the FAQ answers instead of the model
+    faq_context: int = 3  # closest entries put into the prompt below the threshold
+    faq_context_floor: float = 0.3  # less similar entries are not worth their prompt tokens
+    answered_ttl_s: int = 7 * 86_400  # how long a 👍 or a correction can name an answer
+
+
+@dataclass
+class _Engine:
+    """One loaded model version and the scheduler that decodes with it."""
+
+    version: str
+    chatbot: Chatbot
+    scheduler: Scheduler
 
 
 @dataclass
 class _Sequence:
     delivery: Delivery
     decoder: IncrementalDecoder
+    engine: _Engine
     pending: str = ""
     pending_tokens: int = 0
     last_emit: float = 0.0
@@ -60,25 +97,72 @@ class InferenceWorker:
         generation: GenerationConfig,
         options: WorkerOptions | None = None,
         worker_id: str | None = None,
+        faq: FaqStore | None = None,
+        registry: ModelRegistry | None = None,
+        loader: Callable[[str], Chatbot] | None = None,
+        version: str = BASE,
     ) -> None:
-        self.chatbot = chatbot
+        """``faq``: the FAQ store, for grounding (when ``options.faq_grounding``) and to
+        remember answers for feedback. ``registry`` and ``loader`` (a version name to a
+        loaded ``Chatbot``, see ``version_loader``): follow the serving version; ``version``
+        names the one ``chatbot`` is."""
         self.bus = bus
         self.memory = memory
         self.generation = generation
         self.options = options or WorkerOptions()
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.scheduler = Scheduler(chatbot, self.options.max_batch)
+        self.faq = faq
+        self.registry = registry
+        self.loader = loader
+        # The serving engine is the last; earlier ones finish what they hold, then go.
+        self.engines = [_Engine(version, chatbot, Scheduler(chatbot, self.options.max_batch))]
         self.sequences: dict[str, _Sequence] = {}
         self.served = 0
         self.started_at = time.time()
         self._last_heartbeat = 0.0
         self._last_reclaim = 0.0
+        # Hot reload, shared with the event and loader threads under _lock.
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._wanted: str | None = None
+        self._failed: str | None = None
+        self._ready: _Engine | None = None
+        self.loading = ""
+        self.load_error = ""
+
+    @property
+    def engine(self) -> _Engine:
+        """The engine new requests go to."""
+        return self.engines[-1]
+
+    @property
+    def chatbot(self) -> Chatbot:
+        return self.engine.chatbot
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine.scheduler
+
+    @property
+    def version(self) -> str:
+        return self.engine.version
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then finish what is in flight (up to ``drain_s``)."""
-        log.info("worker %s serving %s", self.id, self.chatbot.info()["model"])
+        log.info("worker %s serving %s (%s)", self.id, self.chatbot.info()["model"], self.version)
+        threads = []
+        if self.registry is not None and self.loader is not None:
+            threads = [
+                threading.Thread(target=target, args=(stop,), name=name, daemon=True)
+                for target, name in (
+                    (self._watch_models, "sprbot-model-events"),
+                    (self._load_models, "sprbot-model-loader"),
+                )
+            ]
+            for thread in threads:
+                thread.start()
         while not stop.is_set():
             self.poll()
         deadline = time.monotonic() + self.options.drain_s
@@ -91,37 +175,82 @@ class InferenceWorker:
                 len(self.sequences),
             )
         self.redis.delete(WORKER_PREFIX + self.id)
+        self._wake.set()
+        for thread in threads:
+            thread.join(timeout=2)  # a load in progress is abandoned with the daemon thread
 
     @property
     def redis(self) -> redis.Redis:
         return self.bus.redis
 
     def poll(self) -> None:
-        """Admit new work if there is room, then run one decode step."""
+        """Swap in a loaded version, admit new work if there is room, run one decode step."""
+        if self._ready is not None:
+            self._swap()
         now = time.monotonic()
-        room = self.scheduler.room
-        if room:
+        room = min(self.options.max_batch - len(self.sequences), self.scheduler.room)
+        if room > 0:
             # Block only when idle: with sequences running, the next decode step must not wait.
             block = None if self.sequences else 500
             deliveries = self.bus.read_requests(self.id, count=room, block_ms=block)
             if now - self._last_reclaim > min(5.0, self.options.reclaim_idle_ms / 2000):
                 self._last_reclaim = now
                 deliveries += self.bus.reclaim(
-                    self.id, self.options.reclaim_idle_ms, count=self.scheduler.room
+                    self.id, self.options.reclaim_idle_ms, count=room - len(deliveries)
                 )
+            grounding = self.ground(deliveries)
             for delivery in deliveries:
-                self.admit(delivery)
+                self.admit(delivery, grounding.get(delivery.request.id))
         if self.sequences:
             self.step()
         if now - self._last_heartbeat > self.options.heartbeat_s:
             self.heartbeat()
 
-    def admit(self, delivery: Delivery) -> None:
+    def ground(
+        self, deliveries: Sequence[Delivery]
+    ) -> dict[str, tuple[FaqEntry | None, list[FaqEntry]]]:
+        """Per request id: the FAQ entry that answers it (cosine >= ``faq_threshold``), or
+        the entries to give the model as context. All questions are embedded in one batch."""
+        fresh = [d for d in deliveries if d.request.id not in self.sequences]
+        if self.faq is None or not self.options.faq_grounding or not fresh:
+            return {}
+        opts = self.options
+        try:
+            matches = self.faq.match([d.request.text for d in fresh], k=max(1, opts.faq_context))
+        except Exception:
+            # The FAQ helps; it must never stop the model from answering.
+            log.exception("FAQ lookup failed; answering %d requests without it", len(fresh))
+            return {}
+        out: dict[str, tuple[FaqEntry | None, list[FaqEntry]]] = {}
+        hits = context = 0
+        for delivery, found in zip(fresh, matches, strict=True):
+            if found and found[0][1] >= opts.faq_threshold:
+                out[delivery.request.id] = (found[0][0], [])
+                hits += 1
+                continue
+            close = [e for e, score in found[: opts.faq_context] if score >= opts.faq_context_floor]
+            if close:
+                out[delivery.request.id] = (None, close)
+                context += 1
+        try:
+            self.faq.count_grounding(asked=len(fresh), hits=hits, context=context)
+        except redis.RedisError:
+            log.warning("could not count FAQ hits", exc_info=True)
+        return out
+
+    def admit(
+        self, delivery: Delivery, grounding: tuple[FaqEntry | None, list[FaqEntry]] | None = None
+    ) -> None:
         request = delivery.request
         if request.id in self.sequences:  # reclaimed from ourselves while still running
             return
+        hit, context = grounding or (None, [])
+        if hit is not None:
+            text = FAQ_PREFIX + hit.answer
+            self._finish([(delivery, text)], [delivery.delta(text)])
+            return
         try:
-            prompt_ids, config = self.prompt(request.conversation, request.text)
+            prompt_ids, config = self.prompt(request.conversation, request.text, context)
         except (PromptTooLongError, EmptyQueryError) as exc:
             self.bus.fail(
                 delivery,
@@ -129,65 +258,108 @@ class InferenceWorker:
                 f"Sorry, {exc}",
             )
             return
-        self.scheduler.add(request.id, prompt_ids, config)
+        engine = self.engine
+        engine.scheduler.add(request.id, prompt_ids, config)
         self.sequences[request.id] = _Sequence(
-            delivery, IncrementalDecoder(self.chatbot.tokenizer), last_emit=time.monotonic()
+            delivery,
+            IncrementalDecoder(engine.chatbot.tokenizer),
+            engine,
+            last_emit=0.0,  # the first token goes out at once: coalescing starts after it
         )
 
-    def prompt(self, conversation: str, text: str) -> tuple[list[int], GenerationConfig]:
+    def prompt(
+        self, conversation: str, text: str, faq: Sequence[FaqEntry] = ()
+    ) -> tuple[list[int], GenerationConfig]:
         """The prompt for ``text`` after the conversation's remembered turns, oldest turns
-        dropped until it fits ``max_prompt_tokens``."""
+        dropped until it fits ``max_prompt_tokens`` (then the least close FAQ entries).
+        ``faq`` entries go into the system message as reference."""
         history = self.memory.turns(conversation)
+        faq = list(faq)
         limit = min(self.options.max_prompt_tokens, self.chatbot.context_length - 1)
         while True:
             messages = [*history, {"role": "user", "content": text}]
+            if faq:
+                notes = "\n".join(f"Q: {e.question}\nA: {e.answer}" for e in faq)
+                system = self.chatbot.config.system_prompt or DEFAULT_SYSTEM_PROMPT
+                content = f"{system}\n\nFrom the team's FAQ, use it where it applies:\n{notes}"
+                messages.insert(0, {"role": "system", "content": content})
             prompt_ids, config = self.chatbot.prepare(messages, self.generation)
             if len(prompt_ids) <= limit:
                 return prompt_ids, config
-            if not history:
+            if history:
+                history = history[2:]
+            elif faq:
+                faq.pop()
+            else:
                 raise PromptTooLongError(len(prompt_ids), limit)
-            history = history[2:]
 
     def step(self) -> None:
-        try:
-            produced = self.scheduler.step()
-        except Exception:
-            log.exception("decode step failed; failing the %d requests in it", len(self.sequences))
-            for request_id in list(self.sequences):
-                self.scheduler.cancel(request_id)
-                self.bus.fail(self.sequences.pop(request_id).delivery, "failed", FAILED_MESSAGE)
-            return
-        now = time.monotonic()
+        """One decode step of every engine that has sequences (two during a swap)."""
         deltas, finals = [], []
-        for request_id, token in produced:
-            seq = self.sequences[request_id]
-            if token is None:
-                piece = seq.decoder.flush()
-                if piece or seq.pending:
-                    deltas.append(seq.delivery.delta(seq.pending + piece))
-                finals.append((seq.delivery, seq.decoder.text))
-                del self.sequences[request_id]
+        for engine in list(self.engines):
+            if not engine.scheduler.active:
                 continue
-            seq.pending += seq.decoder.push(token)
-            seq.pending_tokens += 1
-            due = now - seq.last_emit >= self.options.coalesce_s
-            if seq.pending and (seq.pending_tokens >= self.options.coalesce_tokens or due):
-                deltas.append(seq.delivery.delta(seq.pending))
-                seq.pending, seq.pending_tokens, seq.last_emit = "", 0, now
+            try:
+                produced = engine.scheduler.step()
+            except Exception:
+                mine = [rid for rid, seq in self.sequences.items() if seq.engine is engine]
+                log.exception("decode step failed; failing the %d requests in it", len(mine))
+                for request_id in mine:
+                    engine.scheduler.cancel(request_id)
+                    self.bus.fail(self.sequences.pop(request_id).delivery, "failed", FAILED_MESSAGE)
+                continue
+            now = time.monotonic()
+            for request_id, token in produced:
+                seq = self.sequences[request_id]
+                if token is None:
+                    piece = seq.decoder.flush()
+                    if piece or seq.pending:
+                        deltas.append(seq.delivery.delta(seq.pending + piece))
+                    finals.append((seq.delivery, seq.decoder.text))
+                    del self.sequences[request_id]
+                    continue
+                seq.pending += seq.decoder.push(token)
+                seq.pending_tokens += 1
+                due = now - seq.last_emit >= self.options.coalesce_s
+                if seq.pending and (seq.pending_tokens >= self.options.coalesce_tokens or due):
+                    deltas.append(seq.delivery.delta(seq.pending))
+                    seq.pending, seq.pending_tokens, seq.last_emit = "", 0, now
         if finals:
-            written = self.bus.finish_many(finals, events=deltas)
-            for (delivery, text), fresh in zip(finals, written, strict=True):
-                if fresh:
-                    request = delivery.request
-                    self.memory.append(request.conversation, request.text, text)
-                    self.served += 1
+            self._finish(finals, deltas)
         elif deltas:
             self.bus.emit(*deltas)
+        if len(self.engines) > 1:
+            self._retire()
+
+    def _finish(self, finals: list[tuple[Delivery, str]], deltas: list) -> None:
+        written = self.bus.finish_many(finals, events=deltas)
+        fresh = [item for item, new in zip(finals, written, strict=True) if new]
+        for delivery, text in fresh:
+            request = delivery.request
+            self.memory.append(request.conversation, request.text, text)
+            self.served += 1
+        if self.faq is not None and fresh:
+            self.faq.remember(
+                [Exchange(d.request.text, text, d.request.id) for d, text in fresh],
+                self.options.answered_ttl_s,
+            )
 
     def heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()
+        if self.registry is not None and self.loader is not None:
+            # Catches a promotion whose event this worker missed (it was reconnecting).
+            try:
+                current = self.registry.current()
+                if current != self._wanted:
+                    self.want(current, retry=False)
+            except redis.RedisError:
+                log.warning("could not read the serving version", exc_info=True)
         info = self.chatbot.info()
         stats = self.bus.stats()
+        opts = self.options
+        grounding = "off"
+        if self.faq is not None and opts.faq_grounding:
+            grounding = f"on, threshold {opts.faq_threshold:g}, context {opts.faq_context}"
         key = WORKER_PREFIX + self.id
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(
@@ -195,10 +367,14 @@ class InferenceWorker:
             mapping={
                 "id": self.id,
                 "model": str(info["model"]),
+                "version": self.version,
+                "loading": self.loading,
+                "load_error": self.load_error[:300],
+                "faq": grounding,
                 "backend": info["backend"],
                 "dtype": info["dtype"],
-                "batch": self.scheduler.active,
-                "max_batch": self.scheduler.max_batch,
+                "batch": len(self.sequences),
+                "max_batch": self.options.max_batch,
                 "served": self.served,
                 "queue_lag": stats.backlog - stats.pending,
                 "started_at": self.started_at,
@@ -207,3 +383,112 @@ class InferenceWorker:
         )
         pipe.expire(key, max(10, int(self.options.heartbeat_s * 5)))
         pipe.execute()
+
+    # -- hot reload --------------------------------------------------------------------------
+
+    def want(self, version: str, *, retry: bool = True) -> None:
+        """Ask for ``version`` to serve; the loader thread loads it, ``poll`` swaps it in.
+        ``retry``: try again even if that version failed to load before."""
+        with self._lock:
+            if retry and self._failed == version:
+                self._failed = None
+            self._wanted = version
+        self._wake.set()
+
+    def _watch_models(self, stop: threading.Event) -> None:
+        """Follow ``promoted <version>`` events, resubscribing after a lost connection."""
+        while not stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(EVENTS)
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        version = parse_event(message["data"])
+                        if version:
+                            log.info("worker %s: %s was promoted", self.id, version)
+                            self.want(version)
+            except (redis.RedisError, OSError):
+                log.warning("model events: connection lost; resubscribing", exc_info=True)
+                stop.wait(1.0)
+            finally:
+                pubsub.close()
+
+    def _load_models(self, stop: threading.Event) -> None:
+        """Load the wanted version off the main thread; ``poll`` swaps it in."""
+        while not stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            with self._lock:
+                wanted, serving = self._wanted, self.engines[-1].version
+                if wanted == serving:
+                    self._ready = None  # e.g. rolled back before the new one swapped in
+                if wanted in (None, serving, self._failed) or (
+                    self._ready is not None and self._ready.version == wanted
+                ):
+                    continue
+                self.loading = wanted
+            log.info("worker %s: loading %s in the background", self.id, wanted)
+            started = time.perf_counter()
+            try:
+                chatbot = self.loader(wanted)  # type: ignore[misc]
+                engine = _Engine(wanted, chatbot, Scheduler(chatbot, self.options.max_batch))
+            except Exception as exc:
+                log.exception(
+                    "worker %s: cannot load %s; still serving %s", self.id, wanted, serving
+                )
+                with self._lock:
+                    self._failed, self.loading = wanted, ""
+                    self.load_error = f"{wanted}: {exc}"
+                continue
+            with self._lock:
+                self.loading = ""
+                if self._wanted != wanted:
+                    self._wake.set()  # superseded while loading: load the newer one
+                    continue
+                self._ready, self.load_error = engine, ""
+            log.info(
+                "worker %s: %s loaded in %.1fs", self.id, wanted, time.perf_counter() - started
+            )
+
+    def _swap(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, None
+            if ready is None or ready.version != self._wanted:
+                return
+            old = self.engines[-1]
+            self.engines.append(ready)
+        under_way = sum(seq.engine is old for seq in self.sequences.values())
+        log.info(
+            "worker %s now serves %s (was %s; %d answers under way finish on it)",
+            self.id,
+            ready.version,
+            old.version,
+            under_way,
+        )
+        self.heartbeat()  # `sprbot status` shows the new version at once
+        self._retire()
+
+    def _retire(self) -> None:
+        """Drop engines that no longer serve and hold no sequence: frees their model."""
+        with self._lock:
+            self.engines = [e for e in self.engines[:-1] if e.scheduler.active] + [self.engines[-1]]
+
+
+def version_loader(registry: ModelRegistry, base: PipelineConfig) -> Callable[[str], Chatbot]:
+    """Loads a registered version the way ``base`` loads the configured model: ``base``
+    itself, a full model folder, or a LoRA adapter applied to the model it was trained on
+    (merged at load, so it decodes at full speed)."""
+
+    def load(version: str) -> Chatbot:
+        if version == BASE:
+            return build_chatbot(base)
+        record = registry.get(version)
+        path = str(registry.path(record))
+        if record.kind == "lora":
+            loading = replace(base.loading_config or LoadingModelConfig(), peft_path=path)
+            model = record.base_model or base.model_name_or_path
+            return build_chatbot(replace(base, model_name_or_path=model, loading_config=loading))
+        return build_chatbot(replace(base, model_name_or_path=path))
+
+    return load

@@ -1,0 +1,643 @@
+"""``/retrain``: the approved FAQ becomes a LoRA fine-tune, gated by an evaluation, registered
+and, if it does at least as well as the serving model, promoted (workers hot-swap it).
+
+``TrainingQueue`` is what ``bot.commands`` calls for ``/retrain`` and ``/train`` (only ever for
+admins: the registry checks before it calls). It enqueues one RQ job on queue ``training`` and
+holds the one retrain slot (``sprbot:train:running``) while it runs. ``sprbot worker train``
+(``run_worker``) runs the job in RQ's forked work horse:
+
+1. snapshot the approved FAQ into ``<job dir>/faq.json`` (its hash and row count go into the
+   version's record);
+2. ``finetune_model``: LoRA, bf16, ``task=completion``, on top of the configured base model;
+3. evaluate the candidate and the serving model on the same pairs: the exact-answer rate on
+   the FAQ, loss on held-out FAQ pairs (when there are enough to spare) and on a fixed
+   regression set (``data/regression.json``);
+4. register the version with its metrics;
+5. promote it only if the gate passes; otherwise keep the serving model and say why.
+
+The admin who asked sees one progress message edited in place: the job writes progress events
+and then one final (or error) event on the reply stream of the channel the command came from,
+under the job id as request id, like any answer. The final carries ``loss.png``.
+
+Failure: an exception or the job timeout ends the job failed and tells the admin. A killed
+worker leaves the job in RQ's started registry until its heartbeat expires (the monitoring
+interval + 60 s); the next worker's maintenance run (every ``train_maintenance_s``) marks it
+failed, which runs the same failure report. Nothing is registered before training and
+evaluation succeed, so the serving model is never touched by a failed job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+from rq import Callback, Queue, Worker
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from bot.bus import Bus
+from bot.config import Settings, load_settings
+from bot.connection import connect
+from bot.schemas import ErrorEvent, FinalEvent, ProgressEvent
+
+if TYPE_CHECKING:
+    from bot.commands import CommandContext
+
+log = logging.getLogger(__name__)
+
+QUEUE = "training"
+RUNNING = "sprbot:train:running"  # the job id holding the one retrain slot
+_SEQ = "sprbot:train:seq:"  # per job: numbers its progress events across processes
+REGRESSION_SET = Path(__file__).parent / "data" / "regression.json"
+_ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+# The candidate may be this much worse (relative) on a loss and still pass: the same model
+# evaluated twice in bf16 differs by a little.
+LOSS_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    """How the retrain job trains and judges; from ``SPRBOT_TRAIN_*`` settings."""
+
+    epochs: float
+    learning_rate: float
+    lora_rank: int
+    timeout_s: int
+    held_out_min_rows: int  # hold out 10% of the FAQ for eval loss once there are this many
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetrainOptions:
+        return cls(
+            epochs=settings.train_epochs,
+            learning_rate=settings.train_learning_rate,
+            lora_rank=settings.train_lora_rank,
+            timeout_s=settings.train_timeout_s,
+            held_out_min_rows=settings.train_held_out_min_rows,
+        )
+
+
+class TrainingWorkerGone(Exception):
+    """The worker that forked this job's work horse died: the horse gives the job up."""
+
+
+# -- the command side ----------------------------------------------------------------------------
+
+
+class TrainingQueue:
+    """``/retrain`` and ``/train`` (``bot.commands.Training``): one retrain at a time."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.queue = Queue(QUEUE, connection=client)
+
+    def retrain(self, context: CommandContext) -> str:
+        running = self.running()
+        if running is not None:
+            return f"A retrain is already running: {describe(running)}. /train shows it."
+        approved = context.stores.faq.counts().get("approved", 0) if context.stores else 0
+        if approved == 0:
+            return (
+                "There are no approved FAQ entries to train on yet. Add some with "
+                "/faq add <question> | <answer>, or approve candidates with /faq approve <id>."
+            )
+        job_id = f"retrain-{int(time.time())}-{context.user_id}"[:100]
+        job_id = "".join(c if c.isalnum() or c in "-_." else "-" for c in job_id)
+        # The slot is taken before enqueueing, atomically: two admins racing get one job.
+        if not self.redis.set(RUNNING, job_id, nx=True, ex=self.settings.train_timeout_s + 600):
+            running = self.running()
+            return f"A retrain is already running: {describe(running) if running else '?'}."
+        options = RetrainOptions.from_settings(self.settings)
+        self.queue.enqueue(
+            retrain_job,
+            kwargs={
+                "requested_by": context.who,
+                "channel": context.channel,
+                "reply_to": dict(context.reply_to),
+            },
+            job_id=job_id,
+            job_timeout=options.timeout_s,
+            result_ttl=7 * 86_400,
+            failure_ttl=7 * 86_400,
+            on_failure=Callback(report_failure),
+            description=f"retrain requested by {context.who}",
+        )
+        return (
+            f"Retraining started: job {job_id} on {approved} approved FAQ entries. "
+            "I'll post progress here. /train shows it; /train cancel stops it."
+        )
+
+    def running(self) -> Job | None:
+        """The retrain holding the slot, if it is still alive; a stale slot is freed."""
+        raw = self.redis.get(RUNNING)
+        if raw is None:
+            return None
+        job_id = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            job = Job.fetch(job_id, connection=self.redis)
+        except NoSuchJobError:
+            job = None
+        if job is None or job.get_status() not in _ACTIVE:
+            self.redis.delete(RUNNING)  # ended without releasing it (killed): free the slot
+            return None
+        return job
+
+    def status(self, context: CommandContext) -> str:
+        self.sweep()
+        job = self.running()
+        if job is not None:
+            return f"Retrain running: {describe(job)}. /train cancel stops it."
+        last = self._last()
+        if last is None:
+            return "No retrain has run yet. /retrain starts one."
+        return f"No retrain is running. The last one: {describe(last)}."
+
+    def cancel(self, context: CommandContext) -> str:
+        job = self.running()
+        if job is None:
+            return "No retrain is running: there is nothing to cancel."
+        status = job.get_status()
+        try:
+            if status == JobStatus.STARTED:
+                send_stop_job_command(self.redis, job.id)
+            else:
+                job.cancel()
+                _announce_error(job, f"The retrain {job.id} was cancelled before it started.")
+        except InvalidJobOperation as exc:
+            return f"Could not cancel {job.id}: {exc}"
+        self.redis.delete(RUNNING)
+        return f"Cancelling the retrain {job.id}. The serving model stays as it is."
+
+    def sweep(self) -> None:
+        """Fail jobs whose worker died (RQ's own cleanup, which runs their failure report)."""
+        self.queue.started_job_registry.cleanup()
+
+    def _last(self) -> Job | None:
+        ids = self.queue.finished_job_registry.get_job_ids()
+        ids += self.queue.failed_job_registry.get_job_ids()
+        ids += self.queue.canceled_job_registry.get_job_ids()
+        jobs = [j for j in Job.fetch_many(ids, connection=self.redis) if j is not None]
+        return max(jobs, key=lambda j: j.ended_at or j.enqueued_at, default=None)
+
+
+def describe(job: Job) -> str:
+    """One line for an admin: id, state and, while training, step, loss and ETA."""
+    meta = job.get_meta() if job.get_status() == JobStatus.STARTED else job.meta
+    status = job.get_status()
+    line = f"job {job.id} is {status.value if hasattr(status, 'value') else status}"
+    if meta.get("phase"):
+        line += f", {meta['phase']}"
+    if meta.get("step") is not None and meta.get("total"):
+        line += f" (step {meta['step']}/{meta['total']}"
+        if meta.get("loss") is not None:
+            line += f", loss {meta['loss']:.3f}"
+        if meta.get("eta_s") is not None:
+            line += f", about {_duration(meta['eta_s'])} left"
+        line += ")"
+    if meta.get("outcome"):
+        line += f": {meta['outcome']}"
+    return line
+
+
+# -- reporting to the admin ----------------------------------------------------------------------
+
+
+class Announcer:
+    """The job's messages in the admin's chat: progress events, then one final or error event,
+    on the reply stream of the channel the command came from, under the job id."""
+
+    def __init__(self, bus: Bus, job_id: str, channel: str, reply_to: dict[str, Any]) -> None:
+        self.bus = bus
+        self.job_id = job_id
+        self.channel = channel
+        self.reply_to = reply_to
+        self._last = 0.0
+
+    def _fields(self) -> dict[str, Any]:
+        seq = self.bus.redis.incr(_SEQ + self.job_id)
+        self.bus.redis.expire(_SEQ + self.job_id, 7 * 86_400)
+        return {
+            "request_id": self.job_id,
+            "channel": self.channel,
+            "reply_to": self.reply_to,
+            "attempt": 1,
+            "seq": seq,
+        }
+
+    def progress(self, text: str, *, every_s: float = 0.0) -> None:
+        """A progress line; with ``every_s``, skipped if the last one is more recent."""
+        now = time.monotonic()
+        if every_s and now - self._last < every_s:
+            return
+        self._last = now
+        self.bus.emit(ProgressEvent(text=text, **self._fields()))
+
+    def final(self, text: str, attachments: list[str] | None = None) -> None:
+        self.bus.announce(FinalEvent(text=text, attachments=attachments or [], **self._fields()))
+
+    def error(self, text: str) -> None:
+        self.bus.announce(ErrorEvent(code="failed", text=text, **self._fields()))
+
+
+def _announcer(job: Job, client: redis.Redis) -> Announcer:
+    kwargs = job.kwargs or {}
+    return Announcer(
+        Bus(client), job.id, kwargs.get("channel", "console"), kwargs.get("reply_to") or {}
+    )
+
+
+def _announce_error(job: Job, text: str) -> None:
+    _announcer(job, job.connection).error(text)
+
+
+def report_failure(job: Job, connection: redis.Redis, exc_type, exc_value, tb) -> None:
+    """RQ's failure callback: an exception, the timeout, a stop or a dead worker."""
+    name = getattr(exc_type, "__name__", str(exc_type))
+    if name in ("AbandonedJobError", "TrainingWorkerGone"):
+        why = "its training worker stopped (killed or crashed) mid-job"
+    elif name in ("JobTimeoutException", "TimeoutError"):
+        why = f"it ran past its time limit ({job.timeout}s, SPRBOT_TRAIN_TIMEOUT_S)"
+    elif name == "StopRequested":
+        why = "it was cancelled"
+    else:
+        why = f"{name}: {exc_value}" if exc_value else name
+    log.warning("retrain %s failed: %s", job.id, why)
+    _remove_unregistered(job, connection)
+    try:
+        _announcer(job, connection).error(
+            f"The retrain {job.id} failed: {why}. The serving model is unchanged."
+        )
+    finally:
+        raw = connection.get(RUNNING)
+        if raw is not None and (raw.decode() if isinstance(raw, bytes) else raw) == job.id:
+            connection.delete(RUNNING)
+
+
+def _remove_unregistered(job: Job, connection: redis.Redis) -> None:
+    """Delete the version folder a dead job allocated but never registered (and its
+    ``.partial`` sibling), so a crash leaves nothing half-written behind."""
+    from bot.registry import MODELS, ModelRegistry
+
+    version = (job.get_meta(refresh=True) or {}).get("version")
+    if not version or connection.hexists(MODELS, version):
+        return
+    folder = ModelRegistry(connection, load_settings().data_dir).models_dir / version
+    for path in (folder, folder.with_name(folder.name + ".partial")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+_WORKER_BASE: dict[str, Any] = {}  # set by run_worker: the base model this worker trains on
+
+
+def retrain_job(requested_by: str, channel: str, reply_to: dict[str, Any]) -> dict[str, Any]:
+    """Run in RQ's work horse. Returns the report (also stored in the job's result)."""
+    from rq import get_current_job
+
+    from bot.commands import Stores
+    from bot.registry import MODELS, ModelRegistry
+
+    job = get_current_job()
+    settings = load_settings()
+    client = job.connection if job is not None else connect(settings)
+    job_id = job.id if job is not None else f"retrain-{int(time.time())}"
+    say = Announcer(Bus(client), job_id, channel, reply_to)
+    stores = Stores.build(settings, client)
+    registry: ModelRegistry = stores.models
+    options = RetrainOptions.from_settings(settings)
+    base_model = _WORKER_BASE.get("model") or settings.model
+    work = settings.data_dir / "training" / job_id
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    version = folder = None
+
+    def phase(name: str, **meta: Any) -> None:
+        if job is not None:
+            job.meta.update({"phase": name, **meta})
+            job.save_meta()
+        say.progress(f"Retrain {job_id}: {name}…")
+
+    try:
+        phase("snapshotting the approved FAQ")
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        snapshot = stores.faq.snapshot(work / "faq.json")
+        pairs = [(r["instruction"], r["output"]) for r in json.loads(snapshot.path.read_text())]
+        train_pairs, held_out = _split(pairs, options.held_out_min_rows)
+        (work / "train.json").write_text(
+            json.dumps([{"instruction": q, "input": "", "output": a} for q, a in train_pairs])
+        )
+        timings["snapshot_s"] = time.perf_counter() - started
+
+        phase("fine-tuning", step=0, total=None)
+        started = time.perf_counter()
+        version, folder = registry.allocate()
+        if job is not None:  # so that a failure report can clear it if the job dies
+            job.meta["version"] = version
+            job.save_meta()
+        result = _finetune(base_model, work / "train.json", folder, options, job, say)
+        timings["train_s"] = time.perf_counter() - started
+
+        phase("evaluating the candidate against the serving model")
+        started = time.perf_counter()
+        serving = registry.current()
+        candidate_metrics = _evaluate_folder(base_model, folder, pairs, held_out, settings)
+        serving_metrics = _evaluate_version(
+            registry, serving, base_model, pairs, held_out, settings
+        )
+        timings["eval_s"] = time.perf_counter() - started
+        passed, why = gate(candidate_metrics, serving_metrics)
+
+        metrics = {
+            "candidate": candidate_metrics,
+            "serving": {"version": serving, **serving_metrics},
+            "train": {k: v for k, v in result.metrics.items() if _jsonable(v)},
+            "timings": timings,
+            "gate": {"passed": passed, "reason": why},
+        }
+        record = registry.register(
+            version,
+            requested_by=requested_by,
+            parent=serving,
+            base_model=base_model,
+            dataset_hash=snapshot.sha256,
+            dataset_rows=snapshot.rows,
+            metrics=metrics,
+            notes="" if passed else f"not promoted: {why}",
+        )
+        if passed:
+            registry.promote(version)
+            outcome = f"promoted {version} (was {serving})"
+        else:
+            outcome = f"kept {serving}; {version} is registered but not promoted"
+        if job is not None:
+            job.meta.update({"phase": "done", "outcome": outcome, "version": version})
+            job.save_meta()
+        loss_png = folder / "loss.png"
+        say.final(
+            report(record.version, serving, candidate_metrics, serving_metrics, passed, why)
+            + (f"\nAn admin can still serve it: /model use {version}" if not passed else ""),
+            attachments=[str(loss_png)] if loss_png.is_file() else [],
+        )
+        return {"version": version, "promoted": passed, "reason": why, "metrics": metrics}
+    except BaseException:
+        # Nothing was registered: leave no half-made version folder behind.
+        if folder is not None and not client.hexists(MODELS, version):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        raw = client.get(RUNNING)
+        if raw is not None and (raw.decode() if isinstance(raw, bytes) else raw) == job_id:
+            client.delete(RUNNING)
+
+
+def _split(
+    pairs: list[tuple[str, str]], min_rows: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Training pairs and held-out pairs: every 10th pair once there are ``min_rows``."""
+    if len(pairs) < min_rows:
+        return pairs, []
+    held = pairs[9::10]
+    return [p for i, p in enumerate(pairs) if i % 10 != 9], held
+
+
+def _finetune(
+    base_model: str, train_file: Path, folder: Path, options: RetrainOptions, job, say: Announcer
+):
+    from training import (
+        DataArguments,
+        FinetuningArguments,
+        ModelArguments,
+        TextGenerationFinetuningConfig,
+        TrainingArguments,
+        finetune_model,
+    )
+
+    started = time.monotonic()
+    parent = os.getppid()
+
+    def progress(step: int, total: int, loss: float | None) -> None:
+        if os.getppid() != parent:
+            # The worker that forked this work horse is gone (killed): stop rather than
+            # finish and promote a model behind the back of a job already reported failed.
+            raise TrainingWorkerGone("its training worker stopped (killed or crashed) mid-job")
+        elapsed = time.monotonic() - started
+        eta = elapsed / step * (total - step) if step else None
+        if job is not None:
+            job.meta.update({"step": step, "total": total, "loss": loss, "eta_s": eta})
+            job.save_meta()
+        line = f"Retrain {say.job_id}: fine-tuning, step {step}/{total}"
+        if loss is not None:
+            line += f", loss {loss:.3f}"
+        if eta is not None:
+            line += f", about {_duration(eta)} left"
+        say.progress(line, every_s=2.0)
+
+    config = TextGenerationFinetuningConfig(
+        model_args=ModelArguments(model_name_or_path=base_model),
+        data_args=DataArguments(train_file=str(train_file), validation_split_percentage=0),
+        training_args=TrainingArguments(
+            output_dir=str(folder),
+            overwrite_output_dir=True,
+            num_train_epochs=options.epochs,
+            learning_rate=options.learning_rate,
+            per_device_train_batch_size=8,
+            bf16=True,
+            do_train=True,
+            do_eval=False,
+            save_strategy="no",
+            report_to=[],
+            seed=0,
+        ),
+        finetune_args=FinetuningArguments(
+            task="completion",
+            peft="lora",
+            lora_rank=options.lora_rank,
+            lora_alpha=2 * options.lora_rank,
+            lora_all_linear=True,
+        ),
+    )
+    return finetune_model(config, progress=progress)
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+def _evaluate_version(registry, version: str, base_model: str, pairs, held_out, settings):
+    from bot.registry import BASE
+
+    if version == BASE:
+        return evaluate(_pipeline(base_model, None), pairs, held_out, settings)
+    record = registry.get(version)
+    path = registry.path(record)
+    if record.kind == "lora":
+        return evaluate(
+            _pipeline(record.base_model or base_model, str(path)), pairs, held_out, settings
+        )
+    return evaluate(_pipeline(str(path), None), pairs, held_out, settings)
+
+
+def _evaluate_folder(base_model: str, folder: Path, pairs, held_out, settings):
+    return evaluate(_pipeline(base_model, str(folder)), pairs, held_out, settings)
+
+
+def _pipeline(model: str, peft_path: str | None):
+    from inference import LoadingModelConfig, PipelineConfig
+
+    return PipelineConfig(
+        model_name_or_path=model, loading_config=LoadingModelConfig(peft_path=peft_path)
+    )
+
+
+def evaluate(
+    config, pairs: list[tuple[str, str]], held_out: list[tuple[str, str]], settings: Settings
+) -> dict[str, Any]:
+    """Exact-answer rate on the FAQ (greedy, as users are answered) and mean answer-token loss
+    on held-out pairs and on the regression set, for one model."""
+    import gc
+
+    from inference import build_chatbot
+
+    chatbot = build_chatbot(config)
+    try:
+        exact = sum(_answers_exactly(chatbot, q, a, settings) for q, a in pairs)
+        regression = [
+            (r["instruction"], r["output"]) for r in json.loads(REGRESSION_SET.read_text())
+        ]
+        return {
+            "faq_exact": exact,
+            "faq_rows": len(pairs),
+            "faq_exact_rate": exact / len(pairs) if pairs else 0.0,
+            "held_out_loss": answer_loss(chatbot, held_out) if held_out else None,
+            "held_out_rows": len(held_out),
+            "regression_loss": answer_loss(chatbot, regression),
+        }
+    finally:
+        del chatbot
+        gc.collect()
+
+
+def _answers_exactly(chatbot, question: str, answer: str, settings: Settings) -> bool:
+    from inference import GenerationConfig
+
+    budget = len(chatbot.tokenizer(answer, add_special_tokens=False).input_ids) + 8
+    config = GenerationConfig(do_sample=False, max_new_tokens=min(budget, settings.max_new_tokens))
+    return chatbot.predict(question, config).strip() == answer.strip()
+
+
+def answer_loss(chatbot, pairs: list[tuple[str, str]]) -> float:
+    """Mean cross-entropy of the answer tokens after each question's prompt."""
+    import torch
+
+    total, count = 0.0, 0
+    for question, answer in pairs:
+        prompt_ids, _ = chatbot.prepare([{"role": "user", "content": question}])
+        answer_ids = chatbot.tokenizer(answer, add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt_ids + answer_ids])
+        with torch.inference_mode():
+            logits = chatbot.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids), reduction="sum")
+        total += float(loss)
+        count += len(answer_ids)
+    return total / max(count, 1)
+
+
+def gate(candidate: dict[str, Any], serving: dict[str, Any]) -> tuple[bool, str]:
+    """Promote only if the candidate answers at least as many FAQ questions exactly and is not
+    worse on held-out FAQ pairs or the regression set (beyond bf16 noise)."""
+    if candidate["faq_exact"] < serving["faq_exact"]:
+        return False, (
+            f"it answers fewer FAQ questions exactly ({candidate['faq_exact']} vs "
+            f"{serving['faq_exact']} of {candidate['faq_rows']})"
+        )
+    for name in ("held_out_loss", "regression_loss"):
+        new, old = candidate.get(name), serving.get(name)
+        if new is None or old is None:
+            continue
+        if not math.isfinite(new) or new > old * (1 + LOSS_TOLERANCE) + 1e-6:
+            label = name.replace("_", " ")
+            return False, f"its {label} is worse ({new:.3f} vs {old:.3f})"
+    return True, (
+        f"it answers {candidate['faq_exact']}/{candidate['faq_rows']} FAQ questions exactly "
+        f"(serving: {serving['faq_exact']}) and is no worse on the regression set"
+    )
+
+
+def report(
+    version: str,
+    serving: str,
+    candidate: dict[str, Any],
+    old: dict[str, Any],
+    passed: bool,
+    why: str,
+) -> str:
+    head = f"Retrain done: {version} " + (
+        f"is now serving (was {serving})."
+        if passed
+        else f"was NOT promoted; {serving} keeps serving."
+    )
+    lines = [
+        head,
+        f"Why: {why}.",
+        f"FAQ exact answers: {candidate['faq_exact']}/{candidate['faq_rows']} "
+        f"(was {old['faq_exact']}/{old['faq_rows']}).",
+        f"Regression loss: {candidate['regression_loss']:.3f} (was {old['regression_loss']:.3f}).",
+    ]
+    if candidate.get("held_out_loss") is not None:
+        lines.append(
+            f"Held-out FAQ loss ({candidate['held_out_rows']} pairs): "
+            f"{candidate['held_out_loss']:.3f} (was {old['held_out_loss']:.3f})."
+        )
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds}s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# -- the worker ----------------------------------------------------------------------------------
+
+
+def run_worker(settings: Settings, base_model: str, *, burst: bool = False) -> None:
+    """``sprbot worker train``: an RQ worker on queue ``training`` that trains on ``base_model``.
+
+    The monitoring and maintenance intervals are short so that a job whose worker was killed
+    is failed (and its admin told) within ``train_monitor_s + 60 + train_maintenance_s``
+    seconds, not RQ's default of about 11 minutes."""
+    _WORKER_BASE["model"] = base_model
+    client = connect(settings)
+    worker = Worker(
+        [Queue(QUEUE, connection=client)],
+        connection=client,
+        job_monitoring_interval=settings.train_monitor_s,
+        maintenance_interval=settings.train_maintenance_s,
+        # An idle worker blocks on the queue for worker_ttl - 15 s between maintenance runs
+        # (405 s by default): keep that to the maintenance interval.
+        worker_ttl=settings.train_maintenance_s + 15,
+    )
+    worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level)
