@@ -626,7 +626,8 @@ class Display:
 
     ``text`` is the message body: the answer so far, the final answer, or the error message.
     ``status`` is the latest progress line. ``done``: stop editing (and attach feedback
-    buttons, unless ``code`` says it was an error).
+    buttons, unless ``code`` says it was an error). ``attachments``: files to upload with a
+    final answer (paths on the shared data dir).
     """
 
     request_id: str
@@ -635,6 +636,7 @@ class Display:
     status: str
     done: bool
     code: ErrorCode | None = None
+    attachments: tuple[str, ...] = ()
 
 
 class _Track:
@@ -673,7 +675,8 @@ class ReplyAssembler:
             track = track or self._track(event.request_id, event.attempt)
             track.done = True
             code = event.code if isinstance(event, ErrorEvent) else None
-            return Display(event.request_id, event.reply_to, event.text, "", True, code)
+            files = tuple(event.attachments) if isinstance(event, FinalEvent) else ()
+            return Display(event.request_id, event.reply_to, event.text, "", True, code, files)
         if track is None or event.attempt > track.attempt:
             track = self._track(event.request_id, event.attempt)
         elif event.attempt < track.attempt or event.seq < track.next_seq:

@@ -276,6 +276,8 @@ def worker_inference(
             max_batch=settings.max_batch,
             max_prompt_tokens=settings.max_prompt_tokens,
             reclaim_idle_ms=settings.reclaim_idle_ms,
+            coalesce_tokens=settings.coalesce_tokens,
+            coalesce_s=settings.coalesce_ms / 1000,
             faq_grounding=settings.faq_grounding == "on",
             faq_threshold=settings.faq_threshold,
             faq_context=settings.faq_context,

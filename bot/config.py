@@ -83,6 +83,10 @@ class Settings(BaseSettings):
         300_000, ge=100, description="A request idle this long in a dead worker is retried."
     )
     max_batch: int = Field(8, ge=1, le=256, description="Conversations decoded together.")
+    coalesce_tokens: int = Field(
+        8, ge=1, description="Streamed text goes out every this many tokens, or..."
+    )
+    coalesce_ms: int = Field(250, ge=0, description="...this often, whichever comes first.")
     memory_ttl_s: int = Field(7 * 86_400, ge=60, description="Conversation memory lifetime.")
 
     # Retraining (/retrain and `sprbot worker train`)
@@ -104,10 +108,27 @@ class Settings(BaseSettings):
 
     # Telegram
     telegram_token: SecretStr | None = None
-    telegram_api_url: str = "https://api.telegram.org/bot"
+    telegram_api_url: str = Field(
+        "https://api.telegram.org/bot",
+        description="Bot API base, the token is appended (a self-hosted Bot API server: "
+        "http://host:8081/bot); files come from the same address with /file/bot.",
+    )
     telegram_admins: CommaList = Field(default_factory=list)
-    telegram_webhook_url: str | None = None
-    telegram_webhook_secret: SecretStr | None = None
+    telegram_webhook_url: str | None = Field(
+        None, description="Set: receive updates at this public HTTPS URL; unset: long polling."
+    )
+    telegram_webhook_secret: SecretStr | None = Field(
+        None, description="Webhook mode: the secret token every update must carry (else 403)."
+    )
+    telegram_webhook_port: int = Field(
+        8443, ge=1, le=65535, description="Webhook mode: the local port the webhook listens on."
+    )
+    telegram_answer_edits: bool = Field(
+        False, description="Answer an edited message again (default: edits are ignored)."
+    )
+    telegram_answer_bots: bool = Field(
+        False, description="Answer messages from other bots (default: ignored)."
+    )
 
     # Slack
     slack_bot_token: SecretStr | None = None
@@ -137,7 +158,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "telegram_webhook_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -7,8 +7,9 @@ placeholder, edit it as text arrives, send what does not fit as follow-up messag
   ``split_text`` cuts at paragraph boundaries and never inside a fenced code block unless the
   block alone is too long, in which case each part is fenced again so it still renders as code.
 - Edit rate: both allow about one edit per second per message and answer faster edits with
-  HTTP 429 and a ``Retry-After``. ``Throttle`` keeps each message to its interval and holds every
-  edit back after a 429.
+  HTTP 429 and a ``Retry-After``. ``Throttle`` keeps each key (a message, or a chat) to its
+  interval and holds every edit back after a 429, or only that key's where the platform
+  limits each chat on its own.
 
 Conversion to a platform's markup (Slack mrkdwn, Telegram HTML) lives in the adapter; it uses
 ``fenced_segments`` so that code is left as it is.
@@ -167,6 +168,7 @@ class Throttle:
         self.clock = clock
         self._last: dict[Hashable, float] = {}
         self._paused_until = 0.0
+        self._paused: dict[Hashable, float] = {}  # per key: back_off(seconds, key)
         self._lock = threading.Lock()
 
     def wait_s(self, key: Hashable) -> float:
@@ -174,11 +176,8 @@ class Throttle:
         with self._lock:
             now = self.clock()
             last = self._last.get(key)
-            due = (
-                self._paused_until
-                if last is None
-                else max(self._paused_until, last + self.interval_s)
-            )
+            paused = max(self._paused_until, self._paused.get(key, 0.0))
+            due = paused if last is None else max(paused, last + self.interval_s)
             return max(0.0, due - now)
 
     def sent(self, key: Hashable) -> None:
@@ -186,10 +185,18 @@ class Throttle:
         with self._lock:
             self._last[key] = self.clock()
 
-    def back_off(self, seconds: float) -> None:
-        """Hold every edit for ``seconds`` (the platform answered 429 with this Retry-After)."""
+    def back_off(self, seconds: float, key: Hashable | None = None) -> None:
+        """Hold edits for ``seconds`` (the platform answered 429 with this Retry-After): every
+        edit, or with ``key`` only that key's, where the platform limits each key on its own
+        (Telegram's flood control is per chat)."""
         with self._lock:
-            self._paused_until = max(self._paused_until, self.clock() + max(0.0, seconds))
+            now = self.clock()
+            until = now + max(0.0, seconds)
+            if key is None:
+                self._paused_until = max(self._paused_until, until)
+                return
+            self._paused = {k: t for k, t in self._paused.items() if t > now}  # stay small
+            self._paused[key] = max(self._paused.get(key, 0.0), until)
 
     def forget(self, key: Hashable) -> None:
         """Drop what is known of ``key`` (its message is finished)."""

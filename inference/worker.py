@@ -433,6 +433,7 @@ class InferenceWorker:
             try:
                 chatbot = self.loader(wanted)  # type: ignore[misc]
                 engine = _Engine(wanted, chatbot, Scheduler(chatbot, self.options.max_batch))
+                _warm_up(engine.scheduler)
             except Exception as exc:
                 log.exception(
                     "worker %s: cannot load %s; still serving %s", self.id, wanted, serving
@@ -473,6 +474,17 @@ class InferenceWorker:
         """Drop engines that no longer serve and hold no sequence: frees their model."""
         with self._lock:
             self.engines = [e for e in self.engines[:-1] if e.scheduler.active] + [self.engines[-1]]
+
+
+def _warm_up(scheduler: Scheduler) -> None:
+    """A few steps of a dummy sequence, on the loader thread: the first steps of a new model
+    allocate caches and create kernels, which would otherwise stall the serving loop (and
+    the answers in flight on the old model) right after the swap."""
+    tokenizer = scheduler.chatbot.tokenizer
+    ids = tokenizer("warm up", add_special_tokens=False).input_ids or [0]
+    scheduler.add("warm-up", ids, GenerationConfig(do_sample=False, max_new_tokens=4))
+    while scheduler.active:
+        scheduler.step()
 
 
 def version_loader(registry: ModelRegistry, base: PipelineConfig) -> Callable[[str], Chatbot]:

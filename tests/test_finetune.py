@@ -809,7 +809,8 @@ def test_sprbot_finetune_from_a_config_file(cli, tiny_model: Path, tmp_path: Pat
 
 
 DDP_SCRIPT = """
-import sys
+import json, sys
+from pathlib import Path
 import torch
 from training import (DataArguments, FinetuningArguments, ModelArguments,
                       TextGenerationFinetuningConfig, TrainingArguments, finetune_model)
@@ -822,8 +823,10 @@ result = finetune_model(TextGenerationFinetuningConfig(
                                     per_device_train_batch_size=4, bf16=True, report_to=[],
                                     save_strategy="no", disable_tqdm=True, seed=0),
     finetune_args=FinetuningArguments(lora_all_linear=True)))
-print("rank", torch.distributed.get_rank(), "of", torch.distributed.get_world_size(),
-      "steps", result.metrics["train_steps"], flush=True)
+rank = torch.distributed.get_rank()
+# One file per process: their stdout lines would interleave.
+Path(out + f".rank{rank}.json").write_text(json.dumps(
+    {"world": torch.distributed.get_world_size(), "steps": result.metrics["train_steps"]}))
 """
 
 
@@ -845,7 +848,9 @@ def test_runs_unchanged_under_torchrun_with_two_processes(tiny_model: Path, tmp_
 
     assert done.returncode == 0, done.stderr[-3000:]
     # 16 rows, 4 per process per step, 2 processes: 2 steps (one process would take 4).
-    assert "rank 0 of 2 steps 2" in done.stdout and "rank 1 of 2 steps 2" in done.stdout
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        assert seen == {"world": 2, "steps": 2}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     card = json.loads((out / "data_card.json").read_text())

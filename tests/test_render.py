@@ -96,3 +96,16 @@ def test_throttle_paces_each_key_and_backs_off_all_of_them():
     assert throttle.wait_s("a") == throttle.wait_s("b") == 0
     throttle.forget("a")
     assert throttle.wait_s("a") == 0
+
+
+def test_a_back_off_for_one_key_holds_only_that_key():
+    now = [100.0]
+    throttle = Throttle(1.0, clock=lambda: now[0])
+    throttle.back_off(3.0, key="chat-1")  # Telegram: a 429 in one chat
+    assert throttle.wait_s("chat-1") == pytest.approx(3.0)
+    assert throttle.wait_s("chat-2") == 0
+    throttle.sent("chat-1")
+    throttle.forget("chat-1")  # its message is done; the chat stays paused
+    assert throttle.wait_s("chat-1") == pytest.approx(3.0)
+    now[0] += 3.0
+    assert throttle.wait_s("chat-1") == 0
