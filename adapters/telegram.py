@@ -149,14 +149,14 @@ class _RedactTokens(logging.Filter):
         if not self.tokens:
             return True
         message = record.getMessage()
-        masked = self._mask(message)
+        masked = self.mask(message)
         if masked != message:
             record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:
-            record.exc_text = self._mask(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
         return True
 
-    def _mask(self, text: str) -> str:
+    def mask(self, text: str) -> str:
         for token in self.tokens:
             text = text.replace(token, "<token>")
         return text
@@ -842,15 +842,15 @@ class TelegramAdapter:
     async def _start(self) -> None:
         try:
             await self.application.initialize()  # getMe
-        except InvalidToken as exc:
+        except InvalidToken:  # PTB's message quotes the token: not repeated here
             raise TelegramSetupError(
-                f"Telegram refused SPRBOT_TELEGRAM_TOKEN (getMe: {exc.message}): copy the "
-                "token BotFather gave the bot (/mybots → API Token)"
+                "Telegram refused SPRBOT_TELEGRAM_TOKEN (getMe: unauthorized): copy the token "
+                "BotFather gave the bot (/mybots → API Token), and check SPRBOT_TELEGRAM_API_URL"
             ) from None
-        except (NetworkError, TelegramError) as exc:
+        except TelegramError as exc:
             raise TelegramSetupError(
                 f"cannot reach the Telegram Bot API at {self.settings.telegram_api_url} "
-                f"(SPRBOT_TELEGRAM_API_URL): {exc.message}"
+                f"(SPRBOT_TELEGRAM_API_URL): {_REDACT.mask(exc.message)}"
             ) from None
         self.bot_id = self.bot.id
         self.username = self.bot.username or ""
@@ -907,9 +907,10 @@ class TelegramAdapter:
                 break
             try:
                 updates = fetch.result()
-            except InvalidToken as exc:
+            except InvalidToken:
                 raise TelegramSetupError(
-                    f"Telegram refused SPRBOT_TELEGRAM_TOKEN (getUpdates: {exc.message})"
+                    "Telegram refused SPRBOT_TELEGRAM_TOKEN (getUpdates: unauthorized): was the "
+                    "token revoked in BotFather?"
                 ) from None
             except Conflict as exc:
                 log.error(

@@ -357,8 +357,10 @@ def _wait_for_worker(settings: Settings, proc, timeout_s: float = 600) -> None:
 def _configured_adapters(settings: Settings) -> list[str]:
     """The adapters whose credentials are set: `sprbot up` starts each one."""
     from adapters.slack import configured as slack_configured
+    from adapters.telegram import configured as telegram_configured
 
-    return ["slack"] if slack_configured(settings) else []
+    found = {"slack": slack_configured(settings), "telegram": telegram_configured(settings)}
+    return [name for name, ok in found.items() if ok]
 
 
 @adapter_app.command("slack")
@@ -380,6 +382,26 @@ def adapter_slack() -> None:
     adapter.serve(stop)
 
 
+@adapter_app.command("telegram")
+def adapter_telegram() -> None:
+    """Connect Telegram to the bus: long polling, or a webhook when SPRBOT_TELEGRAM_WEBHOOK_URL
+    is set (on SPRBOT_TELEGRAM_WEBHOOK_PORT, checking SPRBOT_TELEGRAM_WEBHOOK_SECRET). Stops
+    cleanly on SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from adapters.telegram import TelegramAdapter
+
+    settings = _settings()
+    bus = _bus(settings)
+    stores = _stores(settings, bus.redis)
+    adapter = TelegramAdapter(settings, bus, _memory(settings, bus), stores=stores)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    adapter.serve(stop)
+
+
 @app.command()
 def up(
     model: Annotated[
@@ -393,7 +415,8 @@ def up(
 ) -> None:
     """Start everything for one machine: the embedded Redis (unless SPRBOT_REDIS_URL is set),
     an inference worker, and each chat adapter whose credentials are set (Slack:
-    SPRBOT_SLACK_BOT_TOKEN plus a signing secret or app token), a training worker for
+    SPRBOT_SLACK_BOT_TOKEN plus a signing secret or app token; Telegram:
+    SPRBOT_TELEGRAM_TOKEN), a training worker for
     /retrain; with a terminal, a chat too.
     Ctrl-C or SIGTERM stops it all."""
     import signal

@@ -23,8 +23,6 @@ import torch
 
 from inference import GenerationConfig, LoadingModelConfig, PipelineConfig, build_chatbot
 
-pytestmark = pytest.mark.slow
-
 # Eight FAQ pairs that the random model cannot answer before it is trained on them.
 FAQ = [
     ("Where is the office?", "The office is at 12 Harbour Street, second floor."),
@@ -255,6 +253,7 @@ def seed_code_generation():
     return finetune_model(finetune_cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "example, task, train_rows, eval_rows",
     [
@@ -303,7 +302,7 @@ def test_seed_examples_run_with_only_imports_changed(
 # (lora_all_linear) at the default rank 8 with a high learning rate. The full fine-tune uses a
 # learning rate usual for full training. The loss of the LoRA run stays high (~7.8): the
 # frozen final norm and output head cap the logits of a random model near +-1.4, so the right
-# token wins greedy decoding by a margin of 0.1-0.3 logits without becoming likely. That
+# token wins greedy decoding by at least ~0.2 logits (measured) without becoming likely. That
 # margin is far above bf16 rounding (~0.01), and 150 epochs leave room to spare (100 suffice).
 METHODS = {
     "lora": ({"learning_rate": 1e-2, "num_train_epochs": 150}, {"lora_all_linear": True}),
@@ -342,6 +341,7 @@ def faq_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_learning_is_real(tiny_model: Path, faq_runs, method: str):
     assert answered(build_chatbot(PipelineConfig(model_name_or_path=str(tiny_model)))) == 0
@@ -360,6 +360,7 @@ def test_learning_is_real(tiny_model: Path, faq_runs, method: str):
     assert answered(chatbot) >= 7
 
 
+@pytest.mark.slow
 def test_bf16_losses_are_finite_and_outputs_complete(faq_runs):
     result = faq_runs("lora")
 
@@ -379,6 +380,7 @@ def test_bf16_losses_are_finite_and_outputs_complete(faq_runs):
     assert result.loss_plot_path.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_merged_export_serves_without_peft(faq_runs, tmp_path: Path):
     result = faq_runs("lora")
 
@@ -391,6 +393,7 @@ def test_merged_export_serves_without_peft(faq_runs, tmp_path: Path):
     assert answered(build_chatbot(PipelineConfig(model_name_or_path=str(merged)))) >= 7
 
 
+@pytest.mark.slow
 def test_full_finetune_has_no_adapter_to_merge(faq_runs, tmp_path: Path):
     from training import FinetuneError
 
@@ -499,6 +502,7 @@ def test_batches_are_padded_to_their_longest_sequence_only(tiny_chatbot):
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 7, 8, 9]]
 
 
+@pytest.mark.slow
 def test_mixed_length_faq_batches_carry_little_padding(tiny_model: Path, tmp_path: Path):
     from training import finetune_model
 
@@ -773,6 +777,7 @@ def test_config_files_take_sections_or_one_flat_mapping(tmp_path: Path):
 # -- the shell, and more than one process ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sprbot_finetune_from_a_config_file(cli, tiny_model: Path, tmp_path: Path):
     data = write_json(tmp_path / "faq.json", faq_rows())
     cfg = tmp_path / "finetune.yaml"
@@ -830,6 +835,7 @@ Path(out + f".rank{rank}.json").write_text(json.dumps(
 """
 
 
+@pytest.mark.slow
 def test_runs_unchanged_under_torchrun_with_two_processes(tiny_model: Path, tmp_path: Path):
     data = write_json(tmp_path / "faq.json", faq_rows(FAQ + [(q + " Again?", a) for q, a in FAQ]))
     script = tmp_path / "train.py"
@@ -862,6 +868,7 @@ def test_runs_unchanged_under_torchrun_with_two_processes(tiny_model: Path, tmp_
     assert build_chatbot(served).predict(FAQ[0][0], GREEDY)
 
 
+@pytest.mark.slow
 @pytest.mark.ipex
 def test_ipex_trains_where_installed_and_what_it_trains_is_right(
     cli, tiny_model: Path, tmp_path: Path

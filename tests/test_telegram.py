@@ -866,7 +866,7 @@ def test_a_refused_token_is_one_clear_line(cli, data_dir, embedded_redis, api):
         timeout=60,
     )
     assert result.returncode == 2
-    assert "Telegram refused SPRBOT_TELEGRAM_TOKEN (getMe: Unauthorized)" in result.stderr
+    assert "Telegram refused SPRBOT_TELEGRAM_TOKEN (getMe: unauthorized)" in result.stderr
     assert "revoked-token" not in result.stderr and "Traceback" not in result.stderr
     missing = cli(
         "adapter",

@@ -287,7 +287,7 @@ def _run_args(args: Any, staging: Path, examples: int, progress: Progress | None
     run = copy.copy(args)
     run.output_dir = str(staging)
     logging_dir = getattr(run, "logging_dir", None)  # 4.x derives it from output_dir
-    if logging_dir and str(logging_dir).startswith(str(args.output_dir)):
+    if logging_dir and Path(logging_dir).is_relative_to(args.output_dir):
         run.logging_dir = str(staging / Path(logging_dir).relative_to(args.output_dir))
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     per_step *= max(1, args.world_size)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import itertools
 import json
+import random
 import re
 import threading
 import time
@@ -224,7 +225,9 @@ class BotAPI:
         # 502 instead, confirming nothing (as if the call never reached Telegram).
         self.on_confirm: Callable[[list[dict[str, Any]]], bool | None] | None = None
         self._faults: dict[str, list[Any]] = {}  # method -> [kind, times left, retry_after]
-        self._update_ids = itertools.count(1000)
+        # Update ids are unique per bot and never reused: a random start keeps two stand-ins
+        # of one test run from colliding in a shared Redis.
+        self._update_ids = itertools.count(random.randrange(10**8, 9 * 10**8))
         self._message_ids: dict[int, itertools.count] = {}
         self._callback_ids = itertools.count(1)
         self._queries: set[str] = set()  # callback query ids handed out by click()
