@@ -762,6 +762,13 @@ class TelegramAdapter:
         self.memory = memory
         self.stores = stores
         self.poll_timeout_s = poll_timeout_s
+        self.admins = [a for a in settings.admins(CHANNEL) if a.lstrip("-").isdigit()]
+        for wrong in sorted(settings.admins(CHANNEL) - set(self.admins)):
+            log.warning(
+                "SPRBOT_TELEGRAM_ADMINS: %r is not a numeric Telegram user id and can never "
+                "match a user",
+                wrong,
+            )
         self.api_url, file_url = api_urls(settings.telegram_api_url)
         self.application: Application = (
             ApplicationBuilder()
@@ -864,24 +871,19 @@ class TelegramAdapter:
             await self.bot.set_my_commands(public, scope=BotCommandScopeDefault())
         except TelegramError as exc:
             log.warning("setMyCommands failed (%s): the command menu is not set", exc.message)
-        every = _bot_commands(admin=True)
-        for admin in self.settings.admins(CHANNEL):
-            if not admin.lstrip("-").isdigit():
-                log.warning(
-                    "SPRBOT_TELEGRAM_ADMINS: %r is not a numeric Telegram user id; it can never "
-                    "match a user",
-                    admin,
-                )
-                continue
-            try:
-                await self.bot.set_my_commands(every, scope=BotCommandScopeChat(int(admin)))
-            except TelegramError as exc:
-                log.info(
-                    "admin %s sees the public command menu (%s): they have not started a chat "
-                    "with the bot yet",
-                    admin,
-                    exc.message,
-                )
+        for admin in self.admins:
+            await self._admin_menu(int(admin))
+
+    async def _admin_menu(self, admin: int) -> None:
+        try:
+            commands = _bot_commands(admin=True)
+            await self.bot.set_my_commands(commands, scope=BotCommandScopeChat(admin))
+        except TelegramError as exc:
+            log.info(
+                "admin %s sees the public command menu until they send the bot /start (%s)",
+                admin,
+                exc.message,
+            )
 
     async def _serve_polling(self, stop: threading.Event, on_ready) -> None:
         # A webhook left behind makes getUpdates fail; its queued updates are kept.
@@ -1078,7 +1080,7 @@ class TelegramAdapter:
             )
         except ValueError:
             log.exception("update %s makes no valid request", update.update_id)
-            await self._replace(reply_to, SORRY)
+            await self._replace(reply_to, WARNING_SIGN + SORRY)
             return
         result = await asyncio.to_thread(self.bus.submit, request)
         if result.status != "duplicate":
@@ -1181,6 +1183,8 @@ class TelegramAdapter:
             name = self.bot.first_name or "sprbot"
             greeting = f"Hi! I'm {name}. Ask me anything in plain words.\n\n"
             text = "/help"
+            if message.chat.type == ChatType.PRIVATE and sender.id in self.admins:
+                await self._admin_menu(int(sender.id))  # possible only now they wrote to us
         replying_to = None
         if self._replies_to_bot(message):
             replied = message.reply_to_message.message_id
@@ -1261,9 +1265,16 @@ class TelegramAdapter:
             return
         log.error("handling a Telegram update failed", exc_info=error)
         message = update.effective_message if isinstance(update, Update) else None
-        if message is not None and update.callback_query is None:
-            with contextlib.suppress(Exception):
+        if message is None or update.callback_query is not None:
+            return
+        with contextlib.suppress(Exception):
+            rid = request_id(CHANNEL, self.bot_id, update.update_id)
+            placeholder = self.redis.get(PLACEHOLDER_KEY + rid)
+            if placeholder is None:
                 await self._say(message, SORRY)
+            else:  # no answer will fill it: say so there
+                where = {"chat_id": message.chat_id, "message_id": int(placeholder)}
+                await self._replace(where, WARNING_SIGN + SORRY)
 
 
 def _webhook_handler() -> type:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -431,10 +430,6 @@ class InferenceWorker:
                 self.loading = wanted
             log.info("worker %s: loading %s in the background", self.id, wanted)
             started = time.perf_counter()
-            # Loading is mostly Python holding the GIL; the decode loop needs it between its
-            # kernels. A short switch interval hands it back within 0.5 ms instead of 5.
-            interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(interval, 0.0005))
             try:
                 chatbot = self.loader(wanted)  # type: ignore[misc]
                 engine = _Engine(wanted, chatbot, Scheduler(chatbot, self.options.max_batch))
@@ -447,8 +442,6 @@ class InferenceWorker:
                     self._failed, self.loading = wanted, ""
                     self.load_error = f"{wanted}: {exc}"
                 continue
-            finally:
-                sys.setswitchinterval(interval)
             with self._lock:
                 self.loading = ""
                 if self._wanted != wanted:
