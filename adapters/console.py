@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import TextIO
 
-from bot.bus import Bus, ReplyAssembler
+from bot.bus import Bus, Display, ReplyAssembler
 from bot.commands import CommandContext, Stores, dispatch
 from bot.faq import Exchange
 from bot.memory import ConversationMemory
@@ -61,6 +61,7 @@ class ConsoleChannel:
         reply = dispatch(text, context)
         if reply is not None:
             self.out.write(reply + "\n")
+            self.show_notices()
             self.out.flush()
             return reply
         self._turn += 1
@@ -86,7 +87,10 @@ class ConsoleChannel:
             replies = self.bus.read_replies(self.channel, "console", block_ms=1000)
             for reply in replies:
                 display = assembler.feed(reply.event)
-                if display is None or display.request_id != request_id:
+                if display is None:
+                    continue
+                if display.request_id != request_id:
+                    self._notice(display)
                     continue
                 if display.text.startswith(shown):
                     show(display.text[len(shown) :])
@@ -101,6 +105,25 @@ class ConsoleChannel:
             self.bus.ack_replies(self.channel, *(r.entry_id for r in replies))
         show("\n(no answer yet: is an inference worker running? see `sprbot status`)\n")
         return ""
+
+    def show_notices(self) -> None:
+        """Show what arrived for this terminal besides answers (a retrain's report)."""
+        assembler = ReplyAssembler()
+        while replies := self.bus.read_replies(self.channel, "console", block_ms=None):
+            for reply in replies:
+                display = assembler.feed(reply.event)
+                if display is not None:
+                    self._notice(display)
+            self.bus.ack_replies(self.channel, *(r.entry_id for r in replies))
+
+    def _notice(self, display: Display) -> None:
+        """A finished message that is not the answer being awaited, on lines of its own."""
+        if not display.done:
+            return  # progress lines: /train shows the running job
+        self.out.write(f"\n[{display.request_id}] {display.text}\n")
+        for path in display.attachments:
+            self.out.write(f"  (attached: {path})\n")
+        self.out.flush()
 
     def close(self) -> None:
         """Delete this session's reply stream: nobody will read it again."""

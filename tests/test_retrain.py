@@ -8,6 +8,7 @@ memorise eight answers with LoRA (see tests/test_finetune.py): the tests set the
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -21,15 +22,16 @@ from rq import Queue
 from test_registry import serving
 from test_worker import Workers, ask, collect
 
+from adapters.console import ConsoleChannel
 from bot.audit import AuditLog
 from bot.bus import Bus, reply_stream
-from bot.commands import CommandContext, dispatch
+from bot.commands import CommandContext, Stores, dispatch
 from bot.config import load_settings
 from bot.connection import connect
 from bot.memory import ConversationMemory
 from bot.registry import BASE, ModelRegistry
 from bot.schemas import parse_reply
-from training.jobs import QUEUE, RUNNING, TrainingQueue
+from training.jobs import QUEUE, RUNNING, Announcer, TrainingQueue
 
 ADMIN = "root-admin"
 ADMIN_CHANNEL = "console-admin"
@@ -103,8 +105,6 @@ def workers():
 
 
 def context(bus: Bus, user: str = ADMIN) -> CommandContext:
-    from bot.commands import Stores
-
     settings = load_settings()
     stores = Stores.build(settings, bus.redis, training=TrainingQueue(bus.redis, settings))
     return CommandContext(
@@ -312,3 +312,18 @@ def test_killing_the_training_worker_stops_its_work_horse_and_tells_the_admin(bu
         assert time.monotonic() < deadline, "the orphaned work horse kept training"
         time.sleep(0.2)
     _nothing_changed(bus, env)
+
+
+def test_a_retrain_report_shows_in_the_admins_terminal(bus, env):
+    out = io.StringIO()
+    settings = load_settings()
+    stores = Stores.build(settings, bus.redis, training=TrainingQueue(bus.redis, settings))
+    console = ConsoleChannel(bus, ConversationMemory(bus.redis), out=out, stores=stores)
+    say = Announcer(bus, "retrain-1-x", console.channel, {})
+    say.progress("Retrain retrain-1-x: fine-tuning, step 3/10")
+    say.final("Retrain done: v1 is now serving (was base).", attachments=["/data/loss.png"])
+    console.handle("/help")  # the report shows with the next thing the admin does
+    shown = out.getvalue()
+    assert "[retrain-1-x] Retrain done: v1 is now serving (was base)." in shown
+    assert "(attached: /data/loss.png)" in shown
+    assert "step 3/10" not in shown  # progress is for /train; the report is what stays
