@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -416,9 +417,25 @@ class ReplyPump:
             raise _Paused from None
 
     def _show(self, out: _Outgoing, display: Display) -> None:
-        if out.mode == "stream" and self._stream(out, display):
-            return
-        self._update(out, display)
+        if not (out.mode == "stream" and self._stream(out, display)):
+            self._update(out, display)
+        if display.done:
+            for path in display.attachments:  # a retrain report's loss.png
+                self._upload(out, path)
+
+    def _upload(self, out: _Outgoing, path: str) -> None:
+        """Share a file in the answer's thread; a file that cannot be sent is logged, the
+        answer itself is already shown."""
+        try:
+            self._call(
+                self.client.files_upload_v2,
+                channel=out.channel,
+                thread_ts=out.thread_ts,
+                file=path,
+                title=Path(path).name,
+            )
+        except (SlackApiError, OSError) as exc:
+            log.warning("could not upload %s for %s: %s", path, out.request_id, exc)
 
     def _stream(self, out: _Outgoing, display: Display) -> bool:
         """Append to the streamed message; False once it must go on as ordinary edits."""

@@ -521,10 +521,12 @@ def test_a_10000_character_answer_arrives_as_several_messages_within_limits(offl
     assert threaded[0].streamed and {m.thread_ts for m in threaded} == {root}
 
 
-def test_a_report_with_no_placeholder_is_posted_as_a_new_message(offline):
+def test_a_report_with_no_placeholder_is_posted_as_a_new_message(offline, tmp_path):
     # What a training job sends the admin who started it: a final event on the slack reply
-    # stream, with where to post it but no message to edit.
+    # stream, with where to post it but no message to edit, and its loss curve attached.
     stack = offline()
+    chart = tmp_path / "loss.png"
+    chart.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     where = {
         "request_id": request_id("test", "report", new_ts()),
         "channel": "slack",
@@ -533,13 +535,22 @@ def test_a_report_with_no_placeholder_is_posted_as_a_new_message(offline):
     }
     stack.bus.emit(ProgressEvent(seq=1, text="Training: step 3 of 10", **where))
     stack.slack.wait_for(lambda: stack.slack.in_channel("C0OPS"), 10, "the progress message")
-    assert stack.bus.announce(FinalEvent(seq=2, text="Training **done**: v2 promoted.", **where))
+    final = FinalEvent(
+        seq=2, text="Training **done**: v2 promoted.", attachments=[str(chart)], **where
+    )
+    assert stack.bus.announce(final)
     (message,) = stack.finished("C0OPS")  # one message, edited from progress to the result
     assert message.thread_ts == "1700000000.000100"
     assert message.versions == [
         f"{PLACEHOLDER} _Training: step 3 of 10_",
         "Training *done*: v2 promoted.",
     ]
+    stack.slack.wait_for(
+        lambda: any(u.get("channel") for u in stack.slack.uploads.values()), 10, "the upload"
+    )
+    (upload,) = stack.slack.uploads.values()  # the chart, whole, in the report's thread
+    assert upload["data"] == chart.read_bytes() and upload["title"] == "loss.png"
+    assert (upload["channel"], upload["thread"]) == ("C0OPS", "1700000000.000100")
 
 
 def test_a_final_read_by_a_replica_that_died_is_shown_by_another_once(

@@ -97,6 +97,7 @@ class SlackAPI:
         self.calls: list[Call] = []
         self.messages: dict[str, Message] = {}  # by ts
         self.responses: dict[str, list[dict[str, Any]]] = {}  # response_url name -> payloads
+        self.uploads: dict[str, dict[str, Any]] = {}  # file id -> name, bytes, where shared
         self._limits: dict[str, list[float]] = {}  # method -> [times left, retry_after]
         self._ts = itertools.count(1)
         self._lock = threading.Lock()
@@ -170,8 +171,13 @@ class SlackAPI:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length).decode()
+                body = self.rfile.read(length)
+                raw = body.decode("latin-1" if self.path.startswith("/upload/") else "utf-8")
                 path = urllib.parse.urlparse(self.path).path
+                if path.startswith("/upload/"):  # step 2 of files_upload_v2: the bytes
+                    api._record_upload(path.removeprefix("/upload/"), raw.encode("latin-1"))
+                    self._send(200, b"OK - uploaded", "text/plain")
+                    return
                 if path.startswith("/response/"):
                     api._record_response(path.removeprefix("/response/"), json.loads(raw or "{}"))
                     self._send(200, b"ok", "text/plain")
@@ -194,6 +200,12 @@ class SlackAPI:
                 self.wfile.write(body)
 
         return Handler
+
+    def _record_upload(self, file_id: str, data: bytes) -> None:
+        with self._changed:
+            if file_id in self.uploads:
+                self.uploads[file_id]["data"] = data
+            self._changed.notify_all()
 
     def _record_response(self, name: str, payload: dict[str, Any]) -> None:
         with self._changed:
@@ -245,6 +257,22 @@ class SlackAPI:
         if self.socket_mode_url is None:
             return {"ok": False, "error": "invalid_auth"}
         return {"ok": True, "url": self.socket_mode_url}
+
+    def _m_files_getUploadURLExternal(self, args):
+        file_id = f"F{next(self._ts):06d}"
+        self.uploads[file_id] = {"name": args["filename"], "length": int(args["length"])}
+        return {"ok": True, "upload_url": f"{self.base}/upload/{file_id}", "file_id": file_id}
+
+    def _m_files_completeUploadExternal(self, args):
+        files = json.loads(args["files"]) if isinstance(args["files"], str) else args["files"]
+        for f in files:
+            upload = self.uploads.get(f["id"])
+            if upload is None or "data" not in upload:
+                return {"ok": False, "error": "file_not_found"}
+            upload.update(
+                title=f.get("title"), channel=args.get("channel_id"), thread=args.get("thread_ts")
+            )
+        return {"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]}
 
     def _m_chat_postMessage(self, args):
         problem = _check_message(args)
