@@ -348,6 +348,7 @@ class _Outgoing:
     plain: bool = False  # Telegram refused our HTML once: plain text from then on
     files_sent: int = 0
     failures: int = 0
+    shown_at: float = 0.0  # when it was last shown (monotonic)
 
     @classmethod
     def from_reply_to(cls, rid: str, reply_to: dict[str, Any]) -> _Outgoing:
@@ -480,8 +481,9 @@ class ReplyPump:
         return [reply.entry_id]
 
     async def flush(self) -> None:
-        """Show the newest state of every answer whose chat may be written to now."""
-        for rid, out in list(self.outgoing.items()):
+        """Show the newest state of every answer whose chat may be written to now. The pace
+        is per chat, so answers sharing a chat take turns: the least recently shown first."""
+        for rid, out in sorted(self.outgoing.items(), key=lambda item: item[1].shown_at):
             throttle = self.throttle(out.chat_id)
             if out.pending is None or throttle.wait_s(out.chat_id) > 0:
                 continue
@@ -504,6 +506,7 @@ class ReplyPump:
                 self._failed(out, display, exc)
                 continue
             throttle.sent(out.chat_id)
+            out.shown_at = time.monotonic()
             if display.done:
                 self._finish(out, shown=True)
             elif out.pending is display:

@@ -413,6 +413,29 @@ def test_when_configured_edits_and_bots_are_answered(offline, api):
     assert "edited_message" in api.calls_to("getUpdates")[-1].args["allowed_updates"]
 
 
+def test_answers_sharing_a_group_take_turns_at_its_pace(offline, api):
+    stack = offline()
+    group = api.group(new_group_id())
+    for name in ("Ann", "Bob"):
+        user = new_user(name)
+        api.message(group, user, f"@{api.bot['username']} a question from {name}")
+    deliveries = []
+    deadline = time.monotonic() + 10
+    while len(deliveries) < 2 and time.monotonic() < deadline:
+        deliveries += stack.bus.read_requests("test-worker", block_ms=200)
+    assert len(deliveries) == 2
+    for step in range(10):  # both stream at once, faster than the group's pace
+        stack.bus.emit(*(d.delta(f"word{step} ") for d in deliveries))
+        time.sleep(GROUP_INTERVAL_S / 2)
+    for delivery in deliveries:
+        stack.bus.finish(delivery, "".join(f"word{step} " for step in range(10)))
+    messages = stack.finished(group["id"], count=2)
+    for message in messages:  # neither waited for the other to finish
+        assert any(v.endswith(TYPING) for v in message.versions), message.versions
+    sends = [c.at for c in api.calls_to("editMessageText", "sendMessage")[2:]]
+    assert all(b - a >= GROUP_INTERVAL_S * 0.9 for a, b in itertools.pairwise(sends))
+
+
 # -- failures ----------------------------------------------------------------------------------
 
 
