@@ -35,8 +35,8 @@ $(IPEX_VENV)/.installed: pyproject.toml
 	$(IPEX_VENV)/bin/python -m pip install -q -e '.[ipex,dev]'
 	touch $@
 
-test-ipex: $(IPEX_VENV)/.installed  ## the engine's tests on the IPEX stack
-	$(IPEX_VENV)/bin/python -m pytest -m "ipex or not ipex" tests/test_engine.py tests/test_ipex.py $(PYTEST_ARGS)
+test-ipex: $(IPEX_VENV)/.installed  ## the engine and fine-tuning tests on the IPEX stack
+	$(IPEX_VENV)/bin/python -m pytest -m "ipex or not ipex" tests/test_engine.py tests/test_ipex.py tests/test_finetune.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
