@@ -327,3 +327,15 @@ def test_a_retrain_report_shows_in_the_admins_terminal(bus, env):
     assert "[retrain-1-x] Retrain done: v1 is now serving (was base)." in shown
     assert "(attached: /data/loss.png)" in shown
     assert "step 3/10" not in shown  # progress is for /train; the report is what stays
+
+
+def test_train_cancel_stops_the_running_retrain_and_tells_the_admin(bus, env, trainers):
+    job_id, _ = _start_long_retrain(bus, trainers)
+    running = dispatch("/train", context(bus))
+    assert running.startswith(f"Retrain running: job {job_id} is started, fine-tuning (step ")
+    reply = dispatch("/train cancel", context(bus))
+    assert reply.startswith(f"Cancelling the retrain {job_id}"), reply
+    events = admin_events(bus, job_id, timeout=120)
+    assert events[-1].kind == "error", events[-1]
+    assert f"The retrain {job_id} failed: it was cancelled" in events[-1].text
+    _nothing_changed(bus, env)

@@ -145,6 +145,8 @@ class TrainingQueue:
         try:
             job = Job.fetch(job_id, connection=self.redis)
         except NoSuchJobError:
+            if self.redis.ttl(RUNNING) > self.settings.train_timeout_s + 570:
+                return None  # taken a moment ago and being enqueued: leave it be
             job = None
         if job is None or job.get_status() not in _ACTIVE:
             self.redis.delete(RUNNING)  # ended without releasing it (killed): free the slot
@@ -165,15 +167,23 @@ class TrainingQueue:
         job = self.running()
         if job is None:
             return "No retrain is running: there is nothing to cancel."
-        status = job.get_status()
         try:
-            if status == JobStatus.STARTED:
-                send_stop_job_command(self.redis, job.id)
+            if job.get_status() == JobStatus.STARTED:
+                send_stop_job_command(self.redis, job.id)  # the worker kills its work horse
+                deadline = time.monotonic() + 30
+                while job.get_status() == JobStatus.STARTED and time.monotonic() < deadline:
+                    time.sleep(0.2)
             else:
                 job.cancel()
-                _announce_error(job, f"The retrain {job.id} was cancelled before it started.")
         except InvalidJobOperation as exc:
             return f"Could not cancel {job.id}: {exc}"
+        # RQ runs no failure callback for a stopped job: report and clean up here.
+        _remove_unregistered(job, self.redis)
+        _announce_error(
+            job,
+            f"The retrain {job.id} failed: it was cancelled by {context.who}. "
+            "The serving model is unchanged.",
+        )
         self.redis.delete(RUNNING)
         return f"Cancelling the retrain {job.id}. The serving model stays as it is."
 
