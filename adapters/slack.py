@@ -46,7 +46,7 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
 
-from bot.bus import Bus, Display, Reply, ReplyAssembler
+from bot.bus import Bus, Display, ReplyTracker
 from bot.commands import CommandContext, Stores, dispatch, lookup, parse
 from bot.config import Settings
 from bot.errors import SprbotError
@@ -279,12 +279,8 @@ class _Outgoing:
 
 
 class ReplyPump:
-    """Reads the ``slack`` reply stream and shows each answer as it grows.
-
-    Delta events are acknowledged as soon as they are read: the final event supersedes them.
-    A final or error event is acknowledged once it is shown, so an adapter replica that dies
-    first leaves it pending for another replica to reclaim; a replica records each shown
-    answer (``DELIVERED``), so a reclaimed final that was shown already is not shown twice.
+    """Reads the ``slack`` reply stream and shows each answer as it grows. What is
+    acknowledged when, and how a replica's reclaimed final is shown once: ``ReplyTracker``.
     """
 
     def __init__(
@@ -303,8 +299,10 @@ class ReplyPump:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.reclaim_idle_ms = reclaim_idle_ms
         self.give_up_after = give_up_after  # failed tries (network, 5xx) before a final is dropped
-        self.assembler = ReplyAssembler()
-        self.outgoing: dict[str, _Outgoing] = {}
+        self.tracker: ReplyTracker[_Outgoing] = ReplyTracker(
+            bus, CHANNEL, DELIVERED, _Outgoing.from_reply_to
+        )
+        self.outgoing = self.tracker.outgoing  # the answers being shown, by request id
         self._last_reclaim = 0.0
 
     def run(self, stop: threading.Event, drain_s: float = 10.0) -> None:
@@ -331,36 +329,9 @@ class ReplyPump:
         if now - self._last_reclaim > 30:
             self._last_reclaim = now
             replies += self.bus.reclaim_replies(CHANNEL, self.consumer, self.reclaim_idle_ms)
-        done = [entry for reply in replies for entry in self._take(reply)]
+        done = [entry for reply in replies for entry in self.tracker.take(reply)]
         self.bus.ack_replies(CHANNEL, *done)
         self.flush()
-
-    def _take(self, reply: Reply) -> list[str]:
-        """Apply one event; returns the entry ids that may be acknowledged now."""
-        event = reply.event
-        terminal = event.kind in ("final", "error")
-        held = self.outgoing.get(event.request_id)
-        display = self.assembler.feed(event)
-        if display is None:
-            if terminal and held is not None and held.entries:
-                held.entries.append(reply.entry_id)  # a reclaimed copy of a final in hand
-                return []
-            return [reply.entry_id]
-        if terminal and self.bus.redis.exists(DELIVERED + event.request_id):
-            self.outgoing.pop(event.request_id, None)
-            return [reply.entry_id]  # shown by a replica that died before acknowledging
-        if held is None:
-            try:
-                held = _Outgoing.from_reply_to(event.request_id, dict(display.reply_to))
-            except (KeyError, ValueError, TypeError) as exc:
-                log.error("reply %s has no usable reply_to (%s): dropped", event.request_id, exc)
-                return [reply.entry_id]
-            self.outgoing[event.request_id] = held
-        held.pending = display
-        if terminal:
-            held.entries.append(reply.entry_id)
-            return []
-        return [reply.entry_id]
 
     def flush(self) -> None:
         """Show the newest state of every answer whose message may be edited now."""
@@ -517,12 +488,8 @@ class ReplyPump:
         return messages
 
     def _finish(self, out: _Outgoing, display: Display, *, shown: bool) -> None:
-        self.bus.redis.set(
-            DELIVERED + out.request_id, "1" if shown else "0", ex=self.bus.final_ttl_s
-        )
-        self.bus.ack_replies(CHANNEL, *out.entries)
+        self.tracker.finished(out.request_id, shown=shown)
         self.throttle.forget(out.request_id)
-        del self.outgoing[out.request_id]
 
 
 # -- the adapter -------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ from telegram.ext import (
 )
 from telegram.warnings import PTBDeprecationWarning
 
-from bot.bus import Bus, Display, Reply, ReplyAssembler, seen_key
+from bot.bus import Bus, Display, Reply, ReplyTracker, seen_key
 from bot.commands import COMMANDS, CommandContext, Stores, dispatch, parse
 from bot.config import Settings
 from bot.errors import SprbotError
@@ -369,12 +369,8 @@ class _Outgoing:
 
 
 class ReplyPump:
-    """Reads the ``telegram`` reply stream and shows each answer as it grows.
-
-    Delta events are acknowledged as soon as they are read: the final event supersedes them.
-    A final or error event is acknowledged once it is shown, so an adapter replica that dies
-    first leaves it pending for another replica to reclaim; a replica records each shown
-    answer (``DELIVERED``), so a reclaimed final that was shown already is not shown twice.
+    """Reads the ``telegram`` reply stream and shows each answer as it grows. What is
+    acknowledged when, and how a replica's reclaimed final is shown once: ``ReplyTracker``.
     """
 
     def __init__(
@@ -400,8 +396,10 @@ class ReplyPump:
         self.reclaim_idle_ms = reclaim_idle_ms
         self.give_up_after = give_up_after  # failed tries (network) before a final is dropped
         self.answer_ttl_s = answer_ttl_s
-        self.assembler = ReplyAssembler()
-        self.outgoing: dict[str, _Outgoing] = {}
+        self.tracker: ReplyTracker[_Outgoing] = ReplyTracker(
+            bus, CHANNEL, DELIVERED, _Outgoing.from_reply_to
+        )
+        self.outgoing = self.tracker.outgoing  # the answers being shown, by request id
         self.typing: dict[str, tuple[int, int | None, float]] = {}  # rid -> chat, topic, since
         self.typing_for_s = 900.0  # no reply this long: stop showing "typing"
         self._last_typing = 0.0
@@ -438,7 +436,7 @@ class ReplyPump:
         if waits:
             block_ms = max(10, min(block_ms, int(max(0.0, min(waits)) * 1000) + 10))
         replies = await asyncio.to_thread(self._read, block_ms)
-        done = [entry for reply in replies for entry in self._take(reply)]
+        done = [entry for reply in replies for entry in self.tracker.take(reply)]
         if done:
             self.bus.ack_replies(CHANNEL, *done)
         await self.flush()
@@ -451,34 +449,6 @@ class ReplyPump:
             self._last_reclaim = now
             replies += self.bus.reclaim_replies(CHANNEL, self.consumer, self.reclaim_idle_ms)
         return replies
-
-    def _take(self, reply: Reply) -> list[str]:
-        """Apply one event; returns the entry ids that may be acknowledged now."""
-        event = reply.event
-        terminal = event.kind in ("final", "error")
-        held = self.outgoing.get(event.request_id)
-        display = self.assembler.feed(event)
-        if display is None:
-            if terminal and held is not None and held.entries:
-                held.entries.append(reply.entry_id)  # a reclaimed copy of a final in hand
-                return []
-            return [reply.entry_id]
-        if terminal and self.bus.redis.exists(DELIVERED + event.request_id):
-            self.outgoing.pop(event.request_id, None)
-            self.typing.pop(event.request_id, None)
-            return [reply.entry_id]  # shown by a replica that died before acknowledging
-        if held is None:
-            try:
-                held = _Outgoing.from_reply_to(event.request_id, dict(display.reply_to))
-            except (KeyError, ValueError, TypeError) as exc:
-                log.error("reply %s has no usable reply_to (%s): dropped", event.request_id, exc)
-                return [reply.entry_id]
-            self.outgoing[event.request_id] = held
-        held.pending = display
-        if terminal:
-            held.entries.append(reply.entry_id)
-            return []
-        return [reply.entry_id]
 
     async def flush(self) -> None:
         """Show the newest state of every answer whose chat may be written to now. The pace
@@ -670,11 +640,7 @@ class ReplyPump:
         return parts
 
     def _finish(self, out: _Outgoing, *, shown: bool) -> None:
-        self.bus.redis.set(
-            DELIVERED + out.request_id, "1" if shown else "0", ex=self.bus.final_ttl_s
-        )
-        self.bus.ack_replies(CHANNEL, *out.entries)
-        del self.outgoing[out.request_id]
+        self.tracker.finished(out.request_id, shown=shown)
         self.typing.pop(out.request_id, None)
         if not any(o.chat_id == out.chat_id for o in self.outgoing.values()):
             self.throttle(out.chat_id).forget(out.chat_id)

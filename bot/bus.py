@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import redis
 from pydantic import ValidationError
@@ -707,6 +707,82 @@ class ReplyAssembler:
         while len(self._tracks) > self.remember:
             self._tracks.popitem(last=False)
         return track
+
+
+class Outgoing(Protocol):
+    """What an adapter keeps per answer it is showing (its own message ids and such)."""
+
+    pending: Display | None  # the newest state not shown yet
+    entries: list[str]  # final/error stream entries, acknowledged once shown
+
+
+Answer = TypeVar("Answer", bound=Outgoing)
+
+
+class ReplyTracker(Generic[Answer]):
+    """An adapter's answers in flight, fed from its channel's reply stream.
+
+    Delta and progress entries are acknowledged as soon as they are read: the final event
+    supersedes them. A final or error entry is held until the adapter has shown it
+    (``finished``), so a replica that dies first leaves it pending for another replica to
+    reclaim; each shown answer is recorded under ``delivered_prefix``, so a reclaimed final that
+    was shown already is not shown twice. ``make(request_id, reply_to)`` builds the adapter's
+    record of a new answer and raises ``KeyError``/``ValueError``/``TypeError`` for a
+    ``reply_to`` it cannot use (such a reply is dropped, with an error in the log).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        channel: str,
+        delivered_prefix: str,
+        make: Callable[[str, dict[str, Any]], Answer],
+    ) -> None:
+        self.bus = bus
+        self.channel = channel
+        self.delivered_prefix = delivered_prefix
+        self.make = make
+        self.assembler = ReplyAssembler()
+        self.outgoing: dict[str, Answer] = {}
+
+    def take(self, reply: Reply) -> list[str]:
+        """Apply one event; returns the entry ids that may be acknowledged now."""
+        event = reply.event
+        terminal = event.kind in ("final", "error")
+        held = self.outgoing.get(event.request_id)
+        display = self.assembler.feed(event)
+        if display is None:
+            if terminal and held is not None and held.entries:
+                held.entries.append(reply.entry_id)  # a reclaimed copy of a final in hand
+                return []
+            return [reply.entry_id]
+        if terminal and self.delivered(event.request_id):
+            self.outgoing.pop(event.request_id, None)
+            return [reply.entry_id]  # shown by a replica that died before acknowledging
+        if held is None:
+            try:
+                held = self.make(event.request_id, dict(display.reply_to))
+            except (KeyError, ValueError, TypeError) as exc:
+                log.error("reply %s has no usable reply_to (%s): dropped", event.request_id, exc)
+                return [reply.entry_id]
+            self.outgoing[event.request_id] = held
+        held.pending = display
+        if terminal:
+            held.entries.append(reply.entry_id)
+            return []
+        return [reply.entry_id]
+
+    def delivered(self, request_id: str) -> bool:
+        return bool(self.bus.redis.exists(self.delivered_prefix + request_id))
+
+    def finished(self, request_id: str, *, shown: bool) -> Answer:
+        """The answer is shown (or given up): record it, acknowledge its final, forget it."""
+        out = self.outgoing.pop(request_id)
+        self.bus.redis.set(
+            self.delivered_prefix + request_id, "1" if shown else "0", ex=self.bus.final_ttl_s
+        )
+        self.bus.ack_replies(self.channel, *out.entries)
+        return out
 
 
 def _text(value: Any) -> str:
