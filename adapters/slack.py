@@ -52,7 +52,7 @@ from bot.config import Settings
 from bot.errors import SprbotError
 from bot.faq import Exchange, FaqError
 from bot.memory import ConversationMemory
-from bot.render import Throttle, fenced_segments, split_text
+from bot.render import BULLET, HEADING, INLINE_CODE, Throttle, fenced_segments, split_text
 from bot.schemas import ChatRequest, request_id
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,6 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-_INLINE_CODE = re.compile(r"(`+)(.+?)\1", re.S)
-_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
-_BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.M)
 _QUOTE = re.compile(r"^([ \t]*)&gt;", re.M)
 _INLINE = re.compile(
     r"!?\[(?P<label>[^\]\n]+)\]\((?P<url>[^)\s]+)\)"
@@ -150,7 +147,7 @@ def _inline(match: re.Match) -> str:
 def _prose(text: str) -> str:
     out = []
     last = 0
-    for code in _INLINE_CODE.finditer(text):  # inline code is shown as it is
+    for code in INLINE_CODE.finditer(text):  # inline code is shown as it is
         out.append(_format(text[last : code.start()]))
         out.append(_escape(code.group(0)))
         last = code.end()
@@ -161,9 +158,9 @@ def _prose(text: str) -> str:
 def _format(text: str) -> str:
     text = _escape(text)
     text = _QUOTE.sub(r"\1>", text)  # a quote is the one '>' Slack must see raw
-    text = _BULLET.sub(r"\1• ", text)
+    text = BULLET.sub(r"\1• ", text)
     text = _INLINE.sub(_inline, text)
-    return _HEADING.sub(lambda m: f"*{m.group(1)}*", text)  # after: its * is not italics
+    return HEADING.sub(lambda m: f"*{m.group(1)}*", text)  # after: its * is not italics
 
 
 def to_mrkdwn(markdown: str) -> str:

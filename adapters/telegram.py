@@ -94,7 +94,7 @@ from bot.config import Settings
 from bot.errors import SprbotError
 from bot.faq import Exchange, FaqError
 from bot.memory import ConversationMemory
-from bot.render import Throttle, fenced_segments, split_text
+from bot.render import BULLET, HEADING, INLINE_CODE, Throttle, fenced_segments, split_text
 from bot.schemas import ChatRequest, request_id
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,6 @@ def escape(text: str) -> str:
     return html.escape(text, quote=True).replace("&#x27;", "'")
 
 
-_INLINE_CODE = re.compile(r"(`+)(.+?)\1", re.S)
-_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
-_BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.M)
 _QUOTE_LINES = re.compile(r"(?:^[ \t]*&gt;[ \t]?.*(?:\n|$))+", re.M)
 _QUOTE_MARK = re.compile(r"^[ \t]*&gt;[ \t]?", re.M)
 _INLINE = re.compile(
@@ -232,16 +229,16 @@ def _quote(match: re.Match) -> str:
 
 def _format(text: str) -> str:
     text = escape(text)  # first: every tag below is ours, every < > & in the text escaped
-    text = _BULLET.sub(r"\1• ", text)
+    text = BULLET.sub(r"\1• ", text)
     text = _INLINE.sub(_inline, text)
-    text = _HEADING.sub(lambda m: f"<b>{m.group(1)}</b>", text)
+    text = HEADING.sub(lambda m: f"<b>{m.group(1)}</b>", text)
     return _QUOTE_LINES.sub(_quote, text)
 
 
 def _prose(text: str) -> str:
     out = []
     last = 0
-    for code in _INLINE_CODE.finditer(text):  # inline code is shown as it is
+    for code in INLINE_CODE.finditer(text):  # inline code is shown as it is
         out.append(_format(text[last : code.start()]))
         out.append(f"<code>{escape(code.group(2).strip() or code.group(2))}</code>")
         last = code.end()

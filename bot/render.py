@@ -12,7 +12,7 @@ placeholder, edit it as text arrives, send what does not fit as follow-up messag
   limits each chat on its own.
 
 Conversion to a platform's markup (Slack mrkdwn, Telegram HTML) lives in the adapter; it uses
-``fenced_segments`` so that code is left as it is.
+``fenced_segments`` so that code is left as it is, and the Markdown patterns below.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from collections.abc import Callable, Hashable
 
 # A fence opens with three or more backticks or tildes, indented by at most three spaces.
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+# Markdown the model writes, as both adapters find it before converting it.
+INLINE_CODE = re.compile(r"(`+)(.+?)\1", re.S)
+HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
+BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.M)
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 

@@ -14,13 +14,11 @@ import itertools
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +29,7 @@ import pytest
 import rq
 import yaml
 from slack_sdk import WebClient
+from standins import AdapterThreads
 from standins.slack_api import SlackAPI, SlackSender, SocketModeServer, event_callback
 
 from adapters.slack import (
@@ -160,7 +159,7 @@ def make_settings(slack: SlackAPI, redis_url: str, data_dir: Path, **overrides) 
 def run_adapter():
     """Start SlackAdapters in this process (HTTP on a free port, or Socket Mode when the
     settings have an app token); stop them after the test."""
-    running: list[tuple[threading.Event, threading.Thread]] = []
+    threads = AdapterThreads()
 
     def start(slack: SlackAPI, settings: Settings) -> Stack:
         bus = Bus(
@@ -178,32 +177,14 @@ def run_adapter():
             edit_interval_s=EDIT_INTERVAL_S,
             consumer=new_id("test-"),
         )
-        stop, ready = threading.Event(), queue.Queue()
-
-        def serve():
-            try:
-                adapter.serve(stop, host="127.0.0.1", port=0, on_ready=lambda p: ready.put([p]))
-            except BaseException as exc:
-                ready.put(exc)
-                raise
-
-        thread = threading.Thread(target=serve, name="slack-adapter")
-        thread.start()
-        running.append((stop, thread))
-        started = ready.get(timeout=30)
-        assert isinstance(started, list), f"the adapter did not start: {started!r}"
-        port = started[0]  # None: Socket Mode
+        port = threads.start(adapter, "slack-adapter")  # None: Socket Mode
         sender = (
             SlackSender(f"http://127.0.0.1:{port}/slack/events", SECRET, TEAM) if port else None
         )
         return Stack(slack, sender, bus, memory, stores, settings)
 
     yield start
-    for stop, _ in running:
-        stop.set()
-    for _, thread in running:
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the adapter did not stop"
+    threads.stop_all()
 
 
 @pytest.fixture

@@ -14,14 +14,12 @@ import asyncio
 import itertools
 import logging
 import os
-import queue
 import random
 import shutil
 import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import zlib
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import rq
+from standins import AdapterThreads
 from standins.telegram_api import BotAPI, Message, parse_html, post_update
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup
 
@@ -136,7 +135,7 @@ def make_settings(api: BotAPI, redis_url: str, data_dir: Path, **overrides) -> S
 def run_adapter():
     """Start TelegramAdapters in this process (polling, or a webhook on a free port); stop
     them after the test."""
-    running: list[tuple[threading.Event, threading.Thread]] = []
+    threads = AdapterThreads()
 
     def start(api: BotAPI, settings: Settings, **options) -> Stack:
         bus = Bus(
@@ -157,28 +156,11 @@ def run_adapter():
             consumer=f"test-{uuid.uuid4().hex[:8]}",
             poll_timeout_s=5,
         )
-        stop, ready = threading.Event(), queue.Queue()
-
-        def serve():
-            try:
-                adapter.serve(stop, host="127.0.0.1", port=0, on_ready=lambda p: ready.put([p]))
-            except BaseException as exc:
-                ready.put(exc)
-                raise
-
-        thread = threading.Thread(target=serve, name="telegram-adapter")
-        thread.start()
-        running.append((stop, thread))
-        started = ready.get(timeout=30)
-        assert isinstance(started, list), f"the adapter did not start: {started!r}"
-        return Stack(api, bus, memory, stores, settings, started[0])
+        port = threads.start(adapter, "telegram-adapter")
+        return Stack(api, bus, memory, stores, settings, port)
 
     yield start
-    for stop, _ in running:
-        stop.set()
-    for _, thread in running:
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the adapter did not stop"
+    threads.stop_all()
 
 
 @pytest.fixture
