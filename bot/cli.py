@@ -238,8 +238,6 @@ def worker_inference(
 ) -> None:
     """Serve chat requests from the bus with the model (continuous batching). Stops
     cleanly on SIGTERM or Ctrl-C, finishing what it holds."""
-    import signal
-    import threading
 
     from bot.commands import Stores
     from bot.registry import BASE
@@ -288,10 +286,7 @@ def worker_inference(
         loader=loader,
         version=version,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    worker.run(stop)
+    worker.run(_stop_on_signals())
 
 
 @worker_app.command("train")
@@ -363,23 +358,34 @@ def _configured_adapters(settings: Settings) -> list[str]:
     return [name for name, ok in found.items() if ok]
 
 
+def _serve_adapter(adapter_class) -> None:
+    """Build a chat adapter on the configured bus and stores; serve until SIGTERM or Ctrl-C."""
+    settings = _settings()
+    bus = _bus(settings)
+    adapter = adapter_class(
+        settings, bus, _memory(settings, bus), stores=_stores(settings, bus.redis)
+    )
+    adapter.serve(_stop_on_signals())
+
+
+def _stop_on_signals():
+    """An event that SIGTERM or SIGINT sets: a process's cue to finish what it holds."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
 @adapter_app.command("slack")
 def adapter_slack() -> None:
     """Connect Slack to the bus: Socket Mode when SPRBOT_SLACK_APP_TOKEN is set, else HTTP on
     SPRBOT_SLACK_PORT at /slack/events. Stops cleanly on SIGTERM or Ctrl-C."""
-    import signal
-    import threading
-
     from adapters.slack import SlackAdapter
 
-    settings = _settings()
-    bus = _bus(settings)
-    stores = _stores(settings, bus.redis)
-    adapter = SlackAdapter(settings, bus, _memory(settings, bus), stores=stores)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    adapter.serve(stop)
+    _serve_adapter(SlackAdapter)
 
 
 @adapter_app.command("telegram")
@@ -387,19 +393,9 @@ def adapter_telegram() -> None:
     """Connect Telegram to the bus: long polling, or a webhook when SPRBOT_TELEGRAM_WEBHOOK_URL
     is set (on SPRBOT_TELEGRAM_WEBHOOK_PORT, checking SPRBOT_TELEGRAM_WEBHOOK_SECRET). Stops
     cleanly on SIGTERM or Ctrl-C."""
-    import signal
-    import threading
-
     from adapters.telegram import TelegramAdapter
 
-    settings = _settings()
-    bus = _bus(settings)
-    stores = _stores(settings, bus.redis)
-    adapter = TelegramAdapter(settings, bus, _memory(settings, bus), stores=stores)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    adapter.serve(stop)
+    _serve_adapter(TelegramAdapter)
 
 
 @app.command()
