@@ -52,14 +52,19 @@ def _demo_dir(settings: Settings) -> Path:
 
 
 def _ensure_demo(settings: Settings) -> Path:
-    from training.demo import build_demo_model
+    from training.demo import DEMO_MAX_STEPS, build_demo_model
 
     outdir = _demo_dir(settings)
     if not (outdir / "sprbot.json").exists():
         typer.echo(f"Building the offline demo model in {outdir} (a few minutes, once)...")
-        with typer.progressbar(length=1, label="training on the sample FAQ") as bar:
-            build_demo_model(outdir, progress=lambda step, total, loss: None)
-            bar.update(1)
+        label = "training on the sample FAQ (stops once it knows every answer)"
+        with typer.progressbar(length=DEMO_MAX_STEPS, label=label) as bar:
+
+            def advance(step: int, total: int, loss: float | None) -> None:
+                bar.update(step - bar.pos)
+
+            build_demo_model(outdir, max_steps=DEMO_MAX_STEPS, progress=advance)
+            bar.update(DEMO_MAX_STEPS - bar.pos)
     typer.echo("Using the offline DEMO model: it only knows sprbot's sample FAQ.", err=True)
     return outdir
 

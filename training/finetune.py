@@ -129,7 +129,10 @@ class FinetuneResult:
 
 
 def finetune_model(
-    finetune_cfg: TextGenerationFinetuningConfig, *, progress: Progress | None = None
+    finetune_cfg: TextGenerationFinetuningConfig,
+    *,
+    progress: Progress | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``finetune_cfg.model_args.model_name_or_path`` as NeuralChat did.
 
@@ -137,7 +140,8 @@ def finetune_model(
     which also takes the fields transformers 5 removed). ``bf16=True`` trains in bf16 on CPU:
     with LoRA the frozen base weights are held in bf16, the adapter in fp32 under bf16
     autocast. ``progress(step, total_steps, last_loss)``, if given, is called as training
-    goes, in place of transformers' own progress bar.
+    goes, in place of transformers' own progress bar. ``callbacks`` are added to the Trainer
+    (e.g. to stop early once a goal is met).
 
     Raises ``DataError`` for unusable data (naming file, row and field) before any training,
     ``FinetuneConfigError`` for unusable options and ``ModelLoadError`` for a model that cannot
@@ -203,6 +207,8 @@ def finetune_model(
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_ProgressReport(progress))
+    for callback in callbacks or ():
+        trainer.add_callback(callback)
 
     main = run_args.process_index == 0
     if main:
