@@ -24,7 +24,17 @@ install: $(BIN)/.installed  ## set up .venv with the project and its dev tools
 run: install  ## chat with the offline demo model in the terminal
 	$(BIN)/sprbot up --demo
 
-test: install  ## run the test suite (pytest exits non-zero when it collects no test)
+# tests/test_web_page.py drives Debian's Chromium (Playwright's own browsers are not used), with
+# an emoji font for the page's buttons. Only `make test` needs it; apt runs as root or via sudo.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "Install Chromium at $(CHROMIUM): the web page tests drive it."; exit 1; }
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-noto-color-emoji
+
+test: install $(CHROMIUM)  ## run the test suite (pytest exits non-zero when it collects no test)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The last working IPEX stack in its own virtualenv (torch 2.8 from PyPI is the CUDA build:

@@ -20,6 +20,7 @@ from typing import TextIO
 from bot.bus import Bus, Display, ReplyAssembler
 from bot.commands import CommandContext, Stores, dispatch
 from bot.faq import Exchange
+from bot.logs import request_context
 from bot.memory import ConversationMemory
 from bot.schemas import ChatRequest, request_id
 
@@ -73,8 +74,9 @@ class ConsoleChannel:
             user_name=self.user,
             text=text,
         )
-        self.bus.submit(request)
-        answer = self.await_reply(request.id, self.out.write)
+        with request_context(request.id):
+            self.bus.submit(request)
+            answer = self.await_reply(request.id, self.out.write)
         self.last = Exchange(text, answer, request.id) if answer else None
         return answer
 

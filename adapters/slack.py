@@ -27,12 +27,15 @@ reply pump for what goes out.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
 import os
 import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +43,11 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from slack_bolt import App
+from slack_bolt import App, BoltResponse
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web import SlackResponse
 
 from bot.bus import Bus, Display, ReplyTracker
@@ -51,9 +55,10 @@ from bot.commands import CommandContext, Stores, dispatch, lookup, parse
 from bot.config import Settings
 from bot.errors import SprbotError
 from bot.faq import Exchange, FaqError
+from bot.logs import request_context
 from bot.memory import ConversationMemory
 from bot.render import BULLET, HEADING, INLINE_CODE, Throttle, fenced_segments, split_text
-from bot.schemas import ChatRequest, request_id
+from bot.schemas import ChatRequest, request_id, shape_problem
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,9 @@ ENDPOINT = "/slack/events"
 SECTION_LIMIT = 3000  # characters in a section block's text
 STREAM_LIMIT = 3000  # markdown streamed into one message before it goes on as ordinary edits
 MAX_MESSAGES = 20  # messages per answer (60,000 characters), so one answer cannot flood a channel
+# Slack's requests are a few KB (a 40,000-character message included); the Telegram webhook
+# has the same cap.
+MAX_BODY_BYTES = 1 << 20
 PLACEHOLDER = "…"
 TYPING = " …"  # after the text of an answer still being written
 NO_ANSWER = "_(no answer)_"
@@ -82,6 +90,7 @@ DELIVERED = "sprbot:slack:delivered:"  # <request id>: the final reply is shown
 # Messages the bot reads: plain ones, ones with files, thread replies sent to the channel too.
 # Edits (message_changed), deletions, joins and bot_message are not someone asking.
 _ANSWERED_SUBTYPES = (None, "file_share", "thread_broadcast")
+_EVENTS_ANSWERED = ("message", "app_mention")  # the events with a listener
 _SLACK_LINK = re.compile(r"<([^<>|]+)(?:\|([^<>]*))?>")
 
 
@@ -323,7 +332,7 @@ class ReplyPump:
             block_ms = max(10, min(block_ms, int(min(waits) * 1000) + 10))
         replies = self.bus.read_replies(CHANNEL, self.consumer, block_ms=block_ms)
         now = time.monotonic()
-        if now - self._last_reclaim > 30:
+        if now - self._last_reclaim > min(30.0, self.reclaim_idle_ms / 2000):
             self._last_reclaim = now
             replies += self.bus.reclaim_replies(CHANNEL, self.consumer, self.reclaim_idle_ms)
         done = [entry for reply in replies for entry in self.tracker.take(reply)]
@@ -497,8 +506,88 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class _Handler(WSGIRequestHandler):
+    timeout = 30  # seconds a client may stall mid-request before it is dropped
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+
+def _checked_request(app: Callable, verifier: SignatureVerifier) -> Callable:
+    """The WSGI app ``app`` (Bolt's) behind the checks Bolt makes too late or not at all.
+
+    Bolt reads a body of any size, and parses it before it checks the signature: a body that
+    is not a JSON object, or a missing timestamp, gets a 500 and a traceback from anyone. So
+    here, before Bolt sees a byte: over ``MAX_BODY_BYTES``, 413 (from the Content-Length,
+    unread); no valid Content-Length, or not UTF-8, 400; not signed with the signing secret
+    within the last 5 minutes, 401 (Slack's unsigned ``ssl_check`` gets its 200). What Bolt
+    then cannot parse, although signed, gets 400.
+    """
+
+    def answer(start_response: Callable, status: str, text: str) -> list[bytes]:
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode()]
+
+    def checked(environ: dict[str, Any], start_response: Callable) -> Any:
+        length = (environ.get("CONTENT_LENGTH") or "0").strip()
+        if not (length.isascii() and length.isdigit()):
+            return answer(start_response, "400 Bad Request", "Invalid Content-Length.")
+        if int(length) > MAX_BODY_BYTES:
+            limit = f"The body is over the limit of {MAX_BODY_BYTES:,} bytes."
+            return answer(start_response, "413 Payload Too Large", limit)
+        raw = environ["wsgi.input"].read(int(length)) if int(length) else b""
+        try:
+            body = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return answer(start_response, "400 Bad Request", "The body is not UTF-8.")
+        if urllib.parse.parse_qs(body).get("ssl_check") == ["1"]:
+            return answer(start_response, "200 OK", "")  # Slack checking the certificate
+        timestamp = environ.get("HTTP_X_SLACK_REQUEST_TIMESTAMP", "")
+        signature = environ.get("HTTP_X_SLACK_SIGNATURE", "")
+        signed = timestamp.isascii() and timestamp.isdigit()
+        if not (signed and verifier.is_valid(body, timestamp, signature)):
+            return answer(start_response, "401 Unauthorized", "Invalid or stale signature.")
+        problem = _misshapen(body, environ.get("CONTENT_TYPE", ""))
+        if problem:
+            log.warning("refused a signed Slack request: %s", problem)
+            return answer(start_response, "400 Bad Request", f"Malformed request: {problem}.")
+        environ["wsgi.input"] = io.BytesIO(raw)
+        return app(environ, start_response)
+
+    return checked
+
+
+# Fields that Bolt (building its context, in its built-in middleware) and the listeners read
+# without checking their type, at any depth of a body, and the types Slack sends them as.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("type", "subtype", "ts", "thread_ts", "event_ts", "bot_id"), (str,)),
+    **dict.fromkeys(("channel_type", "user_id", "channel_id", "team_id"), (str,)),
+    **dict.fromkeys(("enterprise_id", "trigger_id", "response_url", "command"), (str,)),
+    **dict.fromkeys(("team", "user", "channel", "enterprise", "text"), (str, dict, type(None))),
+    **dict.fromkeys(("event", "view", "container", "message"), (dict,)),
+    **dict.fromkeys(("authorizations", "actions"), (list,)),
+}
+
+
+def _misshapen(body: str, content_type: str) -> str:
+    """Why a body cannot be one Slack sent ("" when it can), parsed the way Bolt parses it: a
+    JSON object, or a form whose ``payload`` is one, of the shape ``_FIELD_TYPES`` gives."""
+    if not body:
+        return ""
+    try:
+        if content_type == "application/json" or body.startswith("{"):
+            data = json.loads(body)
+        elif "payload" in body:
+            form = dict(urllib.parse.parse_qsl(body, keep_blank_values=True))
+            data = json.loads(form.get("payload", "{}"))
+        else:
+            return ""  # a slash command's form: strings only
+    except (ValueError, RecursionError):
+        return "not JSON"
+    problem = shape_problem(data, _FIELD_TYPES)
+    for name in ("authorizations", "actions"):  # Bolt takes their first item's fields
+        if not problem and not all(isinstance(i, dict) for i in data.get(name, ())):
+            problem = f"{name!r} holds something other than objects"
+    return problem
 
 
 def api_url(url: str) -> str:
@@ -540,6 +629,8 @@ class SlackAdapter:
         self.bus = bus
         self.memory = memory
         self.stores = stores
+        # HTTP mode's signature check, before Bolt's (see _checked_request); none in Socket Mode.
+        self.verifier = SignatureVerifier(signing_secret) if signing_secret else None
         self.api_url = api_url(settings.slack_api_url)
         self.client = WebClient(token=token, base_url=self.api_url)
         self.identity = self._auth_test()
@@ -550,6 +641,7 @@ class SlackAdapter:
             bus,
             edit_interval_s=edit_interval_s,
             consumer=consumer,
+            reclaim_idle_ms=settings.reply_reclaim_idle_ms,
         )
         # Bolt logs request bodies (they carry Slack's verification token) at INFO and below.
         bolt_log = logging.getLogger("adapters.slack.bolt")
@@ -561,6 +653,7 @@ class SlackAdapter:
             request_verification_enabled=not self.app_token,
             logger=bolt_log,
         )
+        self.app.middleware(_ignore_other_events)
         self.app.event("app_mention")(self._on_message)
         self.app.event("message")(self._on_message)
         self.app.command(re.compile(r"^/[\w.-]+$"))(self._on_command)
@@ -615,7 +708,11 @@ class SlackAdapter:
     def _serve_http(self, stop: threading.Event, host: str, port: int, on_ready) -> None:
         try:
             server = make_server(
-                host, port, SlackRequestHandler(self.app, ENDPOINT), _Server, _Handler
+                host,
+                port,
+                _checked_request(SlackRequestHandler(self.app, ENDPOINT), self.verifier),
+                _Server,
+                _Handler,
             )
         except OSError as exc:
             raise SlackSetupError(
@@ -686,14 +783,15 @@ class SlackAdapter:
         text = from_slack(raw, self.bot_user_id)
         profile = event.get("user_profile") or {}
         name = profile.get("display_name") or profile.get("real_name") or ""
-        try:
-            if parse(text) is not None or not text:
-                self._command_in_thread(team, channel, root, conversation, user, name, text)
-            else:
-                self._ask(rid, team, channel, root, conversation, user, name, text, dm)
-        except Exception:
-            log.exception("answering message %s failed", rid)
-            self._say(channel, root, SORRY)
+        with request_context(rid):
+            try:
+                if parse(text) is not None or not text:
+                    self._command_in_thread(team, channel, root, conversation, user, name, text)
+                else:
+                    self._ask(rid, team, channel, root, conversation, user, name, text, dm)
+            except Exception:
+                log.exception("answering message %s failed", rid)
+                self._say(channel, root, SORRY)
 
     def _ask(
         self,
@@ -854,6 +952,9 @@ class SlackAdapter:
             self._say(channel, root, part)
 
     def _on_command(self, ack: Callable, command: dict, respond: Callable) -> None:
+        if not command.get("response_url"):  # Slack always sends one: the answer goes there
+            ack(response_type="ephemeral", text="This command came without a response_url.")
+            return
         verb = command.get("command", "")
         arguments = (command.get("text") or "").strip()
         if verb == "/sprbot":  # the prefix form reaches every command: /sprbot help
@@ -977,6 +1078,19 @@ class SlackAdapter:
         # Bolt's own handler would log the whole body; the kind of request is enough.
         kind = body.get("type") or body.get("command") or "request"
         log.error("handling a Slack %s failed", kind, exc_info=error)
+
+
+def _ignore_other_events(body: dict, next: Callable) -> BoltResponse | None:
+    """Bolt middleware: an event this adapter has no listener for gets 200 and is ignored.
+    Bolt would answer 404, which Slack retries, and Slack turns off the events of an app that
+    keeps failing. Malformed events are ignored the same way, before any listener's matcher
+    looks at their fields."""
+    event = body.get("event") if body.get("type") == "event_callback" else None
+    if body.get("type") == "event_callback" and (
+        not isinstance(event, dict) or event.get("type") not in _EVENTS_ANSWERED
+    ):
+        return BoltResponse(status=200, body="")
+    return next()
 
 
 def _correction_view(rid: str, exchange: Exchange) -> dict[str, Any]:

@@ -93,9 +93,10 @@ from bot.commands import COMMANDS, CommandContext, Stores, dispatch, parse
 from bot.config import Settings
 from bot.errors import SprbotError
 from bot.faq import Exchange, FaqError
+from bot.logs import request_context
 from bot.memory import ConversationMemory
 from bot.render import BULLET, HEADING, INLINE_CODE, Throttle, fenced_segments, split_text
-from bot.schemas import ChatRequest, request_id
+from bot.schemas import ChatRequest, request_id, shape_problem
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ CHANNEL = "telegram"
 TEXT_LIMIT = 4096  # characters of a message, after entity parsing
 MAX_MESSAGES = 10  # messages per answer, so one answer cannot flood a chat
 PHOTO_LIMIT = 10 * 1024 * 1024  # bytes; a bigger image goes as a document
+MAX_BODY_BYTES = 1 << 20  # a webhook update: Telegram's are a few KB
 PLACEHOLDER = "…"
 TYPING = " …"  # after the text of an answer still being written
 NO_ANSWER = "(no answer)"
@@ -442,7 +444,7 @@ class ReplyPump:
     def _read(self, block_ms: int) -> list[Reply]:
         replies = self.bus.read_replies(CHANNEL, self.consumer, block_ms=block_ms)
         now = time.monotonic()
-        if now - self._last_reclaim > 30:
+        if now - self._last_reclaim > min(30.0, self.reclaim_idle_ms / 2000):
             self._last_reclaim = now
             replies += self.bus.reclaim_replies(CHANNEL, self.consumer, self.reclaim_idle_ms)
         return replies
@@ -753,6 +755,7 @@ class TelegramAdapter:
             typing_every_s=typing_every_s,
             consumer=consumer,
             answer_ttl_s=settings.memory_ttl_s,
+            reclaim_idle_ms=settings.reply_reclaim_idle_ms,
         )
         self._not_taken: set[int] = set()  # update ids whose handling must be retried
         accepted = (
@@ -932,7 +935,7 @@ class TelegramAdapter:
         app = tornado.web.Application(
             [(re.escape(path), _webhook_handler(), {"adapter": self})], log_function=_log_request
         )
-        server = tornado.httpserver.HTTPServer(app, max_body_size=1 << 20)
+        server = tornado.httpserver.HTTPServer(app, max_body_size=MAX_BODY_BYTES)
         try:
             sockets = tornado.netutil.bind_sockets(port, host)
         except OSError as exc:
@@ -1029,28 +1032,29 @@ class TelegramAdapter:
 
     async def _ask(self, update: Update, message: Message, sender: _Sender, text: str) -> None:
         rid = request_id(CHANNEL, self.bot_id, update.update_id)
-        if self.redis.exists(seen_key(rid)):
-            return  # on the bus already: Telegram delivered the update again
-        chat_id, topic = message.chat_id, self._topic(message)
-        reply_to = await self._placeholder(rid, message)
-        await self._typing(chat_id, topic)
-        try:
-            request = ChatRequest(
-                id=rid,
-                channel=CHANNEL,
-                conversation=conversation_key(chat_id, topic),
-                user_id=sender.id,
-                user_name=sender.name,
-                text=text,
-                reply_to=reply_to,
-            )
-        except ValueError:
-            log.exception("update %s makes no valid request", update.update_id)
-            await self._replace(reply_to, WARNING_SIGN + SORRY)
-            return
-        result = await asyncio.to_thread(self.bus.submit, request)
-        if result.status != "duplicate":
-            self.pump.expect(rid, chat_id, topic)
+        with request_context(rid):  # its log lines carry the request id
+            if self.redis.exists(seen_key(rid)):
+                return  # on the bus already: Telegram delivered the update again
+            chat_id, topic = message.chat_id, self._topic(message)
+            reply_to = await self._placeholder(rid, message)
+            await self._typing(chat_id, topic)
+            try:
+                request = ChatRequest(
+                    id=rid,
+                    channel=CHANNEL,
+                    conversation=conversation_key(chat_id, topic),
+                    user_id=sender.id,
+                    user_name=sender.name,
+                    text=text,
+                    reply_to=reply_to,
+                )
+            except ValueError:
+                log.exception("update %s makes no valid request", update.update_id)
+                await self._replace(reply_to, WARNING_SIGN + SORRY)
+                return
+            result = await asyncio.to_thread(self.bus.submit, request)
+            if result.status != "duplicate":
+                self.pump.expect(rid, chat_id, topic)
 
     async def _placeholder(self, rid: str, message: Message) -> dict[str, Any]:
         """Post where the answer will appear, once per request; its ids become ``reply_to``."""
@@ -1243,28 +1247,67 @@ class TelegramAdapter:
                 await self._replace(where, WARNING_SIGN + SORRY)
 
 
+# Fields of an update that python-telegram-bot and the handlers read without checking their
+# type, at any depth, with the types Telegram sends them as; and the fields some must have.
+_UPDATE_FIELDS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("update_id", "message_id", "date", "message_thread_id"), (int,)),
+    **dict.fromkeys(("offset", "length"), (int,)),
+    "id": (int, str),  # users' and chats' are integers, callback queries' strings
+    **dict.fromkeys(("type", "text", "caption", "data", "title"), (str,)),
+    **dict.fromkeys(("first_name", "last_name", "username"), (str,)),
+    **dict.fromkeys(("is_bot", "is_topic_message", "is_automatic_forward", "is_forum"), (bool,)),
+    **dict.fromkeys(("message", "edited_message", "channel_post", "reply_to_message"), (dict,)),
+    **dict.fromkeys(("callback_query", "chat", "from", "sender_chat", "user"), (dict,)),
+    **dict.fromkeys(("entities", "caption_entities"), (list,)),
+}
+_UPDATE_REQUIRED: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("message", "edited_message", "channel_post", "reply_to_message"), ("chat",)),
+    "chat": ("id", "type"),
+    "from": ("id",),
+    "callback_query": ("id", "from"),
+}
+
+
 def _webhook_handler() -> type:
     """The webhook's tornado handler (tornado is imported only in webhook mode)."""
     import tornado.web
 
+    @tornado.web.stream_request_body
     class Handler(tornado.web.RequestHandler):
-        """Telegram POSTs each update here. 403 without the secret token; 200 once the update
-        is taken (its request on the bus); 500 when it must be delivered again."""
+        """Telegram POSTs each update here. Before the body is read: 403 without the secret
+        token, 413 for a body declared over ``MAX_BODY_BYTES``. Then 400 for a body that is
+        not an update (not JSON, an ``update_id`` that is not an integer, text that is not
+        valid Unicode); 200 once the update is taken (its request on the bus); 500 when it
+        must be delivered again."""
 
         def initialize(self, adapter: TelegramAdapter) -> None:
             self.adapter = adapter
+            self.body = bytearray()
 
-        async def post(self) -> None:
+        def prepare(self) -> None:
             given = self.request.headers.get(SECRET_HEADER, "").encode()
+            length = self.request.headers.get("Content-Length", "")
             if not hmac.compare_digest(given, self.adapter.webhook_secret.encode()):
                 self.set_status(403)
-                return
+                self.finish()
+            elif length.isdigit() and int(length) > MAX_BODY_BYTES:
+                self.set_status(413)  # tornado refuses it too, but with a bare 400
+                self.finish()
+
+        def data_received(self, chunk: bytes) -> None:
+            self.body += chunk
+
+        async def post(self) -> None:
             try:
-                update = Update.de_json(json.loads(self.request.body), self.adapter.bot)
-            except Exception:
-                self.set_status(400)
-                return
-            if update is None:
+                data = json.loads(self.body)
+                problem = shape_problem(data, _UPDATE_FIELDS, _UPDATE_REQUIRED)
+                if not problem and "update_id" not in data:
+                    problem = "no update_id"
+                update = None if problem else Update.de_json(data, self.adapter.bot)
+            except Exception as exc:  # not JSON, or what PTB cannot build an Update from
+                problem = type(exc).__name__
+            if problem or update is None:
+                log.warning("webhook: refused a malformed update (%s)", problem or "empty")
                 self.set_status(400)
                 return
             self.set_status(200 if await self.adapter.process(update) else 500)

@@ -40,6 +40,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import redis
 from pydantic import ValidationError
 
+from bot.metrics import count_request
 from bot.schemas import (
     ChatRequest,
     DeltaEvent,
@@ -49,6 +50,7 @@ from bot.schemas import (
     ProgressEvent,
     ReplyEvent,
     TextTooLong,
+    Usage,
     check_text_length,
     parse_reply,
 )
@@ -154,8 +156,10 @@ class Delivery:
     def progress(self, text: str) -> ProgressEvent:
         return ProgressEvent(text=text, **self._next())
 
-    def final(self, text: str) -> FinalEvent:
-        return FinalEvent(text=text, **self._next())
+    def final(
+        self, text: str, *, usage: Usage | None = None, truncated: bool = False
+    ) -> FinalEvent:
+        return FinalEvent(text=text, usage=usage, truncated=truncated, **self._next())
 
     def error(self, code: ErrorCode, message: str) -> ErrorEvent:
         return ErrorEvent(code=code, text=message, **self._next())
@@ -179,6 +183,7 @@ class BusStats:
     backlog: int  # requests not yet answered: waiting plus in flight
     pending: int  # of those, delivered to a worker and not yet acknowledged
     dead: int  # entries in the dead stream
+    lag_s: float = 0.0  # age of the oldest request not yet answered, by Redis's clock
 
 
 class Bus:
@@ -250,6 +255,9 @@ class Bus:
             args=[self.dedupe_ttl_s, self.max_backlog, data, int(bool(refusal))],
         )
         status = _text(status)
+        outcome = "accepted" if status == "queued" else status
+        count_request(request.channel, outcome)
+        log.info("request %s: %s", request.id, outcome, extra={"request_id": request.id})
         if status == "queued":
             return SubmitResult("queued", _text(rest[0]))
         if status == "busy":
@@ -281,12 +289,21 @@ class Bus:
     def reclaim(self, consumer: str, min_idle_ms: int, count: int = 16) -> list[Delivery]:
         """Take over requests another consumer left unacknowledged for ``min_idle_ms``.
 
-        Set ``min_idle_ms`` above the longest legitimate generation, or a slow worker's
-        request is answered twice over (the user still sees one final). A request delivered
-        ``max_deliveries`` times already is dead-lettered, and its user told, instead.
+        A live worker keeps what it holds fresh with ``touch``; set ``min_idle_ms`` above a few
+        of its touch intervals, or a slow worker's request is answered twice over (the user
+        still sees one final). A request delivered ``max_deliveries`` times already is
+        dead-lettered, and its user told, instead.
         """
         claimed = self._claim(REQUESTS, REQUEST_GROUP, consumer, min_idle_ms, count)
         return self._accept(claimed)
+
+    def touch(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Reset the idle time of requests ``consumer`` is still working on (XCLAIM JUSTID:
+        no delivery counted). ``reclaim`` then takes only what a dead or stuck worker left,
+        whatever a generation's length; without it, a batch slower than the reclaim bound
+        is taken over (and generated twice) while it runs."""
+        if entry_ids:
+            self.redis.xclaim(REQUESTS, REQUEST_GROUP, consumer, 0, list(entry_ids), justid=True)
 
     def emit(self, *events: DeltaEvent | ProgressEvent) -> None:
         """Write streaming events (deltas, progress) to their channels' reply streams.
@@ -323,17 +340,20 @@ class Bus:
 
     def finish_many(
         self,
-        items: Iterable[tuple[Delivery, str]],
+        items: Iterable[tuple[Delivery, str | FinalEvent]],
         *,
         events: Iterable[DeltaEvent | ProgressEvent] = (),
     ) -> list[bool]:
         """``finish`` for several deliveries in one round trip (a batch ending together).
 
         ``events`` (the last coalesced deltas, say) are emitted first in that same round trip,
-        so an adapter usually reads them together with the final, in one wake-up.
+        so an adapter usually reads them together with the final, in one wake-up. An item is
+        the answer's text, or its final event already built with ``delivery.final`` (to carry
+        the token usage), after its last delta.
         """
         events = list(events)  # numbered before the finals, even when given lazily
-        return self._settle_many([(d, d.final(text)) for d, text in items], events)
+        finals = [(d, a if isinstance(a, FinalEvent) else d.final(a)) for d, a in items]
+        return self._settle_many(finals, events)
 
     def fail(self, delivery: Delivery, code: ErrorCode, message: str) -> bool:
         """End a request with an error reply (``message`` is shown to the user), once."""
@@ -386,8 +406,14 @@ class Bus:
         pipe.xlen(REQUESTS)
         pipe.xpending(REQUESTS, REQUEST_GROUP)
         pipe.xlen(DEAD)
-        backlog, pending, dead = pipe.execute()
-        return BusStats(backlog=backlog, pending=pending["pending"], dead=dead)
+        pipe.xrange(REQUESTS, count=1)  # the oldest entry: its id is when it was added
+        pipe.time()  # Redis's clock, not ours: the two hosts may disagree
+        backlog, pending, dead, oldest, (secs, usecs) = pipe.execute()
+        lag_s = 0.0
+        if oldest:
+            added_ms = int(_text(oldest[0][0]).split("-", 1)[0])
+            lag_s = max(0.0, secs + usecs / 1e6 - added_ms / 1000)
+        return BusStats(backlog=backlog, pending=pending["pending"], dead=dead, lag_s=lag_s)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -487,6 +513,7 @@ class Bus:
                 request = ChatRequest.model_validate_json(_require_data(raw, fields))
             except (ValidationError, ValueError) as exc:
                 self._dead_letter(pipe, REQUESTS, REQUEST_GROUP, entry_id, fields, attempt, exc)
+                count_request("unknown", "dead_lettered")  # no valid channel to name
                 settle = True
                 continue
             delivery = Delivery(request, entry_id, attempt)
@@ -495,7 +522,13 @@ class Bus:
                     f"delivered {attempt - 1} times (max_deliveries={self.max_deliveries}) and "
                     "never answered: each worker that took it died or overran the reclaim time"
                 )
-                log.error("dead-lettering request %s: %s", request.id, reason)
+                log.error(
+                    "dead-lettering request %s: %s",
+                    request.id,
+                    reason,
+                    extra={"request_id": request.id},
+                )
+                count_request(request.channel, "dead_lettered")
                 self._settle_call(
                     pipe,
                     delivery.error("failed", FAILED_MESSAGE),
@@ -510,6 +543,7 @@ class Bus:
                 check_text_length(request.text, self.max_text_chars)
             except TextTooLong as exc:
                 # Enqueued without submit()'s check (or under a larger limit): refuse here.
+                count_request(request.channel, "too_long")
                 self._settle_call(
                     pipe,
                     delivery.error("too_long", str(exc)),
@@ -590,7 +624,11 @@ class Bus:
             self._settle_call(
                 pipe, event, source=REQUESTS, group=REQUEST_GROUP, entry_id=delivery.entry_id
             )
-        return [bool(written) for written in pipe.execute()[emitted:]]
+        written = [bool(new) for new in pipe.execute()[emitted:]]
+        for (delivery, event), new in zip(items, written, strict=True):
+            if new:  # not when another worker answered first: that one counted it
+                count_request(delivery.request.channel, _outcome(event))
+        return written
 
     def _settle_call(
         self,
@@ -785,8 +823,17 @@ class ReplyTracker(Generic[Answer]):
         return out
 
 
+def _outcome(event: FinalEvent | ErrorEvent) -> str:
+    """The ``sprbot_requests_total`` outcome of a request's terminal event."""
+    if isinstance(event, FinalEvent):
+        return "answered"
+    return "too_long" if event.code == "too_long" else "error"
+
+
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    # "replace": a malformed entry's field names and values are quoted in its dead letter,
+    # and bytes that are not UTF-8 must not stop the worker that reads them.
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _field(fields: dict | None, name: str) -> Any:

@@ -39,11 +39,13 @@ class UserError(SprbotError):
     """A bad command-line argument."""
 
 
-def _settings() -> Settings:
+def _settings(role: str = "cli") -> Settings:
+    """The settings, with logging configured for this process (``role`` names it in the
+    log: ``inference``, ``train``, ``slack``...)."""
+    from bot.logs import configure_logging
+
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings, role)
     return settings
 
 
@@ -245,12 +247,22 @@ def worker_inference(
     cleanly on SIGTERM or Ctrl-C, finishing what it holds."""
 
     from bot.commands import Stores
+    from bot.metrics import serve_metrics
     from bot.registry import BASE
     from inference import PipelineConfig
     from inference.worker import InferenceWorker, WorkerOptions, version_loader
 
-    settings = _settings()
+    settings = _settings("inference")
     bus = _bus(settings)
+    worker = None
+
+    def model_check() -> dict:
+        if worker is None:
+            return {"ok": False, "detail": "loading the model"}
+        return worker.health()
+
+    # Served while the model loads, so that a readiness probe sees 503 until it is ready.
+    serve_metrics(settings, "inference", checks={"model": model_check})
     stores = Stores.build(settings, bus.redis)
     if demo:
         model = str(_ensure_demo(settings))
@@ -304,9 +316,13 @@ def worker_train(
 ) -> None:
     """Run /retrain jobs (RQ queue "training"): fine-tune on the approved FAQ, evaluate,
     register and promote. Stops on SIGTERM; a job it was running ends failed and is reported."""
-    from training.jobs import run_worker
+    from bot.connection import connect
+    from bot.metrics import serve_metrics
+    from training.jobs import TrainingQueue, run_worker
 
-    settings = _settings()
+    settings = _settings("train")
+    # The job runs in RQ's forked work horse: its progress is read from Redis at each scrape.
+    serve_metrics(settings, "train", training=TrainingQueue(connect(settings), settings))
     if demo:
         model = str(_ensure_demo(settings))
     run_worker(settings, model or settings.model, burst=burst)
@@ -316,7 +332,7 @@ def worker_train(
 def chat() -> None:
     """Chat in the terminal through the bus (start workers first: `sprbot up`).
     Replies stream as they are generated; /help lists the commands."""
-    _console(_settings())
+    _console(_settings("chat"))
 
 
 def _console(settings: Settings) -> None:
@@ -342,7 +358,7 @@ def _console(settings: Settings) -> None:
 def _wait_for_worker(settings: Settings, proc, timeout_s: float = 600) -> None:
     import time
 
-    from inference.worker import WORKER_PREFIX
+    from bot.metrics import WORKER_PREFIX
 
     client = _bus(settings).redis
     deadline = time.monotonic() + timeout_s
@@ -365,7 +381,11 @@ def _configured_adapters(settings: Settings) -> list[str]:
 
 def _serve_adapter(adapter_class) -> None:
     """Build a chat adapter on the configured bus and stores; serve until SIGTERM or Ctrl-C."""
-    settings = _settings()
+    from bot.metrics import serve_metrics
+
+    role = adapter_class.__module__.rsplit(".", 1)[-1]  # adapters.slack -> slack
+    settings = _settings(role)
+    serve_metrics(settings, role)
     bus = _bus(settings)
     adapter = adapter_class(
         settings, bus, _memory(settings, bus), stores=_stores(settings, bus.redis)
@@ -403,6 +423,33 @@ def adapter_telegram() -> None:
     _serve_adapter(TelegramAdapter)
 
 
+@adapter_app.command("web")
+def adapter_web() -> None:
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/models) and the web chat
+    page on SPRBOT_WEB_PORT: on 127.0.0.1 only, unless SPRBOT_WEB_API_KEYS is set. Stops
+    cleanly on SIGTERM or Ctrl-C."""
+    from adapters.web import WebAdapter
+
+    _serve_adapter(WebAdapter)
+
+
+def _wait_for_web(settings: Settings, proc, timeout_s: float = 60) -> str | None:
+    """The web chat's address once its adapter listens; None if it exits or hangs first."""
+    import time
+
+    from adapters.web import LIVE_PREFIX
+
+    client = _bus(settings).redis
+    key = f"{LIVE_PREFIX}{socket.gethostname()}-{proc.pid}"
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        url = client.hget(key, "url")
+        if url:
+            return url.decode()
+        time.sleep(0.2)
+    return None
+
+
 @app.command()
 def up(
     model: Annotated[
@@ -415,21 +462,36 @@ def up(
     ] = None,
 ) -> None:
     """Start everything for one machine: the embedded Redis (unless SPRBOT_REDIS_URL is set),
-    an inference worker, and each chat adapter whose credentials are set (Slack:
-    SPRBOT_SLACK_BOT_TOKEN plus a signing secret or app token; Telegram:
-    SPRBOT_TELEGRAM_TOKEN), a training worker for
-    /retrain; with a terminal, a chat too.
+    an inference worker, the web chat and API (SPRBOT_WEB_PORT), each chat adapter whose
+    credentials are set (Slack: SPRBOT_SLACK_BOT_TOKEN plus a signing secret or app token;
+    Telegram: SPRBOT_TELEGRAM_TOKEN), a training worker for /retrain; with a terminal, a chat
+    too.
     Ctrl-C or SIGTERM stops it all."""
+    import os
     import signal
     import subprocess
     import time
 
     from bot.connection import EmbeddedRedis
+    from bot.metrics import serve_metrics
 
-    settings = _settings()
+    settings = _settings("up")
     embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
     started_redis = embedded is not None and not embedded.is_running()
     _bus(settings)  # starts the embedded server, and fails early if Redis is unreachable
+    # One machine, several processes: each gets its own metrics port, from this one up.
+    metrics_ports: dict[str, int] = {}
+    if settings.metrics_port:
+        serve_metrics(settings, "up")
+        metrics_ports["up"] = settings.metrics_port
+
+    def spawn(role: str, cmd: list[str]) -> subprocess.Popen:
+        env = dict(os.environ)
+        if settings.metrics_port:
+            metrics_ports[role] = settings.metrics_port + len(metrics_ports)
+            env["SPRBOT_METRICS_PORT"] = str(metrics_ports[role])
+        return subprocess.Popen(cmd, env=env)
+
     if demo:
         model = str(_ensure_demo(settings))
     worker_cmd = [sys.executable, "-m", "bot.cli", "worker", "inference"]
@@ -438,7 +500,7 @@ def up(
     train_cmd = [sys.executable, "-m", "bot.cli", "worker", "train"]
     if model:
         train_cmd += ["--model", model]
-    children = [subprocess.Popen(worker_cmd), subprocess.Popen(train_cmd)]
+    children = [spawn("inference", worker_cmd), spawn("train", train_cmd)]
     stop = False
 
     def _terminate(*_):
@@ -450,8 +512,29 @@ def up(
         typer.echo("Loading the model in the inference worker...", err=True)
         _wait_for_worker(settings, children[0])
         for name in _configured_adapters(settings):
-            children.append(subprocess.Popen([sys.executable, "-m", "bot.cli", "adapter", name]))
+            children.append(spawn(name, [sys.executable, "-m", "bot.cli", "adapter", name]))
             typer.echo(f"Started the {name} adapter.", err=True)
+        # The web adapter needs no credentials, so it always starts; a port in use (another
+        # sprbot) costs the page, not the rest.
+        web = spawn("web", [sys.executable, "-m", "bot.cli", "adapter", "web"])
+        url = _wait_for_web(settings, web)
+        if url:
+            children.append(web)
+            typer.echo(f"Web chat: {url}", err=True)
+        else:
+            if web.poll() is None:
+                web.terminate()
+                web.wait(timeout=30)
+            typer.echo(
+                "The web adapter did not start (see above); going on without it. Set "
+                "SPRBOT_WEB_PORT to a free port to have the web chat.",
+                err=True,
+            )
+        if metrics_ports:
+            listed = ", ".join(f"{role} {port}" for role, port in metrics_ports.items())
+            typer.echo(
+                f"Metrics (/metrics, /healthz) on {settings.metrics_host}: {listed}.", err=True
+            )
         if chat if chat is not None else sys.stdin.isatty():
             _console(settings)
         else:
@@ -476,54 +559,69 @@ def up(
 
 @app.command()
 def status() -> None:
-    """Workers (and the model version each serves), queue depth, pending and dead-lettered
-    requests, the serving version, and the FAQ: entries, grounding threshold and hit rate."""
+    """Workers (the model version each serves, latency percentiles, decode speed), queue
+    depth and lag, dead-lettered requests, the serving version, the FAQ (entries, grounding
+    threshold, hit rate) and the training job. The same facts as /metrics, from Redis."""
     import time
 
-    from inference.worker import WORKER_PREFIX
+    from bot.metrics import read_state
+    from training.jobs import TrainingQueue
 
     settings = _settings()
     bus = _bus(settings)
-    stats = bus.stats()
-    waiting = stats.backlog - stats.pending
-    typer.echo(f"queue: {waiting} waiting, {stats.pending} in progress, {stats.dead} dead-lettered")
-    keys = sorted(bus.redis.scan_iter(match=WORKER_PREFIX + "*"))
-    typer.echo(f"workers: {len(keys)}")
-    for key in keys:
-        w = {k.decode(): v.decode() for k, v in bus.redis.hgetall(key).items()}
-        if not w:
-            continue
-        age = time.time() - float(w.get("updated_at", 0))
+    state = read_state(bus, settings, TrainingQueue(bus.redis, settings))
+    q = state.queue
+    oldest = f", the oldest {q.lag_s:.1f}s old" if q.backlog else ""
+    typer.echo(
+        f"queue: {q.backlog - q.pending} waiting, {q.pending} in progress, {q.dead} "
+        f"dead-lettered{oldest}"
+    )
+    typer.echo(f"workers: {len(state.workers)}")
+    for w in state.workers:
+        age = time.time() - (w.number("updated_at") or 0)
         typer.echo(
-            f"  {w['id']}: {w.get('version', 'base')} = {w['model']} ({w['dtype']}, "
-            f"{w['backend']}), batch {w['batch']}/{w['max_batch']}, served {w['served']}, "
-            f"FAQ grounding {w.get('faq', 'off')}, seen {age:.0f}s ago"
+            f"  {w.id}: {w.get('version', 'base')} = {w.get('model')} ({w.get('dtype')}, "
+            f"{w.get('backend')}), batch {w.get('batch')}/{w.get('max_batch')}, served "
+            f"{w.get('served')}, FAQ grounding {w.get('faq', 'off')}, seen {age:.0f}s ago"
         )
+        if w.number("answer_p50") is not None:
+            typer.echo(
+                f"    first token p50 {w.number('ttft_p50'):.2f}s, p99 "
+                f"{w.number('ttft_p99'):.2f}s; answer p50 {w.number('answer_p50'):.2f}s, p99 "
+                f"{w.number('answer_p99'):.2f}s (recent answers); decoding "
+                f"{w.number('tokens_per_s') or 0:.1f} tokens/s"
+            )
         if w.get("loading"):
-            typer.echo(f"    loading {w['loading']} in the background")
+            typer.echo(f"    loading {w.get('loading')} in the background")
         if w.get("load_error"):
-            typer.echo(f"    failed to load {w['load_error']}")
-    _status_learning(settings, bus.redis)
-
-
-def _status_learning(settings: Settings, client) -> None:
-    from bot.faq import FaqStore, WordEmbedder
-    from bot.registry import ModelRegistry
-
-    registry = ModelRegistry(client, settings.data_dir)
-    typer.echo(f"model: serving {registry.current()}, {len(registry.versions())} trained versions")
-    faq = FaqStore(client, WordEmbedder())  # counting needs no embeddings
-    counts = faq.counts()
-    typer.echo(f"faq: {counts['approved']} approved, {counts['candidate']} candidates")
+            typer.echo(f"    failed to load {w.get('load_error')}")
+    typer.echo(f"model: serving {state.serving}, {state.versions} trained versions")
+    typer.echo(f"faq: {state.faq['approved']} approved, {state.faq['candidate']} candidates")
     if settings.faq_grounding == "off":
         typer.echo("faq grounding: off (SPRBOT_FAQ_GROUNDING)")
+    else:
+        g = state.grounding
+        rate = f"{g['hits'] / g['asked']:.0%}" if g["asked"] else "n/a"
+        typer.echo(
+            f"faq grounding: on, threshold {settings.faq_threshold:g}: {g['hits']} of "
+            f"{g['asked']} questions answered from the FAQ (hit rate {rate}), {g['context']} "
+            "with FAQ context"
+        )
+    t = state.training
+    ended = ", ".join(f"{n} {name}" for name, n in t.ended.items())
+    if t.job_id is None:
+        typer.echo(f"training: idle (ended jobs kept: {ended})")
         return
-    s = faq.grounding_stats()
-    rate = f"{s['hits'] / s['asked']:.0%}" if s["asked"] else "n/a"
-    typer.echo(
-        f"faq grounding: on, threshold {settings.faq_threshold:g}: {s['hits']} of {s['asked']} "
-        f"questions answered from the FAQ (hit rate {rate}), {s['context']} with FAQ context"
-    )
+    line = f"training: {t.job_id} is {t.status}"
+    if t.phase:
+        line += f", {t.phase}"
+    if t.step is not None and t.total:
+        line += f", step {t.step}/{t.total}"
+        if t.loss is not None:
+            line += f", loss {t.loss:.3f}"
+        if t.eta_s is not None:
+            line += f", about {t.eta_s:.0f}s left"
+    typer.echo(line)
 
 
 def _shell_stores(settings: Settings):

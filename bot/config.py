@@ -11,8 +11,9 @@ import getpass
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.errors import SprbotError
@@ -44,6 +45,37 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis URL (redis://, rediss://, unix://). Unset: embedded server."
     )
+    # TLS (rediss:// only), as redis-py names the options.
+    redis_ssl_ca_certs: Path | None = Field(
+        None, description="rediss://: CA bundle (PEM) to verify the server; unset: system CAs."
+    )
+    redis_ssl_certfile: Path | None = Field(
+        None, description="rediss://: client certificate (PEM), for servers that require one."
+    )
+    redis_ssl_keyfile: Path | None = Field(
+        None, description="rediss://: the client certificate's private key (PEM)."
+    )
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = Field(
+        "required",
+        description="rediss://: verify the server's certificate and host name (required), or "
+        "not at all (none: encrypted but open to impersonation).",
+    )
+    # Redis Sentinel: the master is looked up through the sentinels and followed on failover.
+    redis_sentinels: CommaList = Field(
+        default_factory=list,
+        description="Sentinels as host:port, comma-separated; set: SPRBOT_REDIS_URL only gives "
+        "the master's credentials, database and TLS, with the master name as its host.",
+    )
+    redis_sentinel_master: str = Field("mymaster", description="The master's Sentinel name.")
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="Password of the sentinels themselves (their requirepass)."
+    )
+    redis_appendfsync: Literal["everysec", "always"] = Field(
+        "everysec",
+        description="Embedded server, read when it starts: fsync its AOF every second (an OS "
+        "crash or power cut can lose the last second of writes) or on every write (none "
+        "lost, each write waits for the disk). A server of your own: set it in redis.conf.",
+    )
     data_dir: Path = Field(default_factory=_default_data_dir, description="State and models.")
     model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local directory.")
     dtype: Literal["bfloat16", "float32", "auto"] = Field(
@@ -71,6 +103,21 @@ class Settings(BaseSettings):
         0.9, ge=0.0, le=1.0, description="Cosine at which an added question updates an entry."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto: JSON lines when stderr is not a terminal, else text."
+    )
+    metrics_port: int = Field(
+        9740,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics and /healthz of each process (0: off). `sprbot up` "
+        "gives its processes this port and the next ones.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the metrics server listens on; 0.0.0.0 to be scraped from "
+        "another host or container.",
+    )
 
     # The bus and the inference worker
     max_text_chars: int = Field(4000, ge=1, description="Longest message accepted.")
@@ -81,6 +128,12 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="Tries before a request is dead-lettered.")
     reclaim_idle_ms: int = Field(
         300_000, ge=100, description="A request idle this long in a dead worker is retried."
+    )
+    reply_reclaim_idle_ms: int = Field(
+        120_000,
+        ge=100,
+        description="An answer an adapter replica read but did not show (it died) is shown "
+        "by another replica after this long.",
     )
     max_batch: int = Field(8, ge=1, le=256, description="Conversations decoded together.")
     coalesce_tokens: int = Field(
@@ -145,12 +198,24 @@ class Settings(BaseSettings):
         "dir anyway). Empty: nobody.",
     )
 
-    # Web
-    web_port: int = Field(8080, ge=1, le=65535)
-    web_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Web (`sprbot adapter web`): the OpenAI-compatible API and the chat page. Web users are
+    # never admins: admin commands are for Slack, Telegram and the terminal.
+    web_port: int = Field(
+        8080, ge=0, le=65535, description="Port of the web API and chat page (0: any free one)."
+    )
+    web_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys the web API accepts, comma-separated. None: it listens on "
+        "127.0.0.1 only, without keys.",
+    )
 
     @field_validator(
-        "telegram_admins", "slack_admins", "console_admins", "web_api_keys", mode="before"
+        "telegram_admins",
+        "slack_admins",
+        "console_admins",
+        "web_api_keys",
+        "redis_sentinels",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -158,10 +223,74 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("redis_url", "telegram_webhook_url", mode="before")
+    @field_validator(
+        "redis_url",
+        "redis_ssl_ca_certs",
+        "redis_ssl_certfile",
+        "redis_ssl_keyfile",
+        "redis_sentinel_password",
+        "telegram_webhook_url",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
+
+    @field_validator("redis_ssl_ca_certs", "redis_ssl_certfile", "redis_ssl_keyfile")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError("no such file")
+        return None if value is None else value.expanduser()
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _host_port_pairs(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port (e.g. sentinel-0:26379)")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_options_fit_the_url(self) -> Settings:
+        scheme = urlsplit(self.redis_url).scheme if self.redis_url else None
+        tls_options = [
+            ENV_PREFIX + name.upper()
+            for name in ("redis_ssl_ca_certs", "redis_ssl_certfile", "redis_ssl_keyfile")
+            if getattr(self, name) is not None
+        ]
+        if self.redis_ssl_cert_reqs != "required":
+            tls_options.append(ENV_PREFIX + "REDIS_SSL_CERT_REQS")
+        if tls_options and scheme != "rediss":
+            raise ValueError(
+                f"{', '.join(tls_options)} apply to TLS connections only: make SPRBOT_REDIS_URL "
+                "a rediss:// URL, or unset them"
+            )
+        if self.redis_ssl_keyfile is not None and self.redis_ssl_certfile is None:
+            raise ValueError(
+                "SPRBOT_REDIS_SSL_KEYFILE needs SPRBOT_REDIS_SSL_CERTFILE, the certificate "
+                "that the key belongs to"
+            )
+        if self.redis_sentinels and self.redis_url:
+            # As redis-rb does: the URL's host names the master; the sentinels know its address.
+            host = _url_host(self.redis_url)
+            if scheme == "unix" or host != self.redis_sentinel_master:
+                master = self.redis_sentinel_master
+                raise ValueError(
+                    "with SPRBOT_REDIS_SENTINELS set, SPRBOT_REDIS_URL only gives the master's "
+                    f"credentials, database and TLS, and its host must be the master name "
+                    f"{master!r} (SPRBOT_REDIS_SENTINEL_MASTER), not {host or scheme!r}: "
+                    f"e.g. redis://:PASSWORD@{master}/0 or rediss://:PASSWORD@{master}/0"
+                )
+        return self
 
     def admins(self, platform: str) -> frozenset[str]:
         """The admin user ids of one platform (``slack``, ``telegram``, ``console``); none for
@@ -179,6 +308,12 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             shown[ENV_PREFIX + name.upper()] = _redact(getattr(self, name))
         return shown
+
+
+def _url_host(url: str) -> str:
+    """The host of a URL as written (``urlsplit().hostname`` lowercases it)."""
+    host_port = urlsplit(url).netloc.rpartition("@")[2]
+    return host_port.rsplit(":", 1)[0] if ":" in host_port else host_port
 
 
 def _redact(value: Any) -> str:
@@ -202,9 +337,17 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a check across variables: its message names them
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             variable = ENV_PREFIX + field.upper()
-            secret = field.endswith(("token", "secret", "keys"))
-            shown = "" if secret else f"={error.get('input')!r}"
+            value = error.get("input")
+            if field.endswith(("token", "secret", "keys", "password")):
+                shown = ""
+            elif field == "redis_url" and isinstance(value, str):
+                shown = f"={_redact(value)!r}"  # a URL may carry a password
+            else:
+                shown = f"={value!r}"
             problems.append(f"{variable}{shown}: {error['msg']}")
         raise SettingsError("invalid setting " + "; ".join(problems)) from None

@@ -14,7 +14,8 @@ import hashlib
 import json
 import math
 import time
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, field_validator
 
@@ -55,8 +56,74 @@ def check_text_length(text: str, max_chars: int) -> None:
         )
 
 
+def shape_problem(
+    data: Any,
+    field_types: Mapping[str, tuple[type, ...]],
+    required: Mapping[str, tuple[str, ...]] | None = None,
+) -> str:
+    """Why a platform's parsed JSON (a Slack event, a Telegram update) cannot be what the
+    platform sends, "" when it can. The SDKs that read these (slack-bolt, python-telegram-bot)
+    index into them without checking, so an adapter checks first, at its edge: ``data`` must
+    be an object in which, at any depth, a field named in ``field_types`` has one of its types
+    (a bool is not an int), an object under a key of ``required`` has those fields, and every
+    string is valid Unicode (JSON allows lone surrogates; no encoder takes them)."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__} where an object belongs"
+    stack: list[Any] = [data]
+    while stack:  # iterative: the nesting depth is the sender's to choose
+        value = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            name = key if isinstance(key, str) else ""
+            types = field_types.get(name)
+            if types and (
+                not isinstance(item, types) or (type(item) is bool and bool not in types)
+            ):
+                return f"{name!r} is a {type(item).__name__}"
+            if isinstance(item, dict):
+                missing = [f for f in (required or {}).get(name, ()) if f not in item]
+                if missing:
+                    return f"{name!r} has no {missing[0]!r}"
+            for text in (name, item) if isinstance(item, str) else (name,):
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    return f"{name!r} holds text that is not valid Unicode"
+            if isinstance(item, dict | list):
+                stack.append(item)
+    return ""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Turn(_Model):
+    """One earlier message of a conversation that the client keeps itself (the web API's)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationOptions(_Model):
+    """Per-request generation settings (the web API's ``max_tokens``, ``temperature``,
+    ``top_p``). Unset fields take the worker's; the worker caps ``max_new_tokens`` at its own
+    ``SPRBOT_MAX_NEW_TOKENS``. ``temperature`` 0 (or ``top_p`` 0) means greedy decoding."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class Usage(_Model):
+    """Tokens a request took: its prompt as the model saw it, and the answer."""
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 class ChatRequest(_Model):
@@ -78,6 +145,15 @@ class ChatRequest(_Model):
     )
     is_command: bool = Field(False, description="An admin/chat command such as /faq.")
     created_at: float = Field(default_factory=time.time, description="Unix time, seconds.")
+    history: list[Turn] | None = Field(
+        None,
+        description="The turns before ``text``, when the client keeps the conversation (the "
+        "web API): the worker uses them instead of its conversation memory, and does not "
+        "remember the exchange. None: the worker's memory of ``conversation``.",
+    )
+    generation: GenerationOptions | None = Field(
+        None, description="Per-request generation settings; None: the worker's."
+    )
 
     @field_validator("created_at")
     @classmethod
@@ -126,6 +202,12 @@ class FinalEvent(_ReplyBase):
         default_factory=list,
         description="Files to upload with the answer (a training report's loss.png), by path "
         "on the shared data dir.",
+    )
+    usage: Usage | None = Field(
+        None, description="Tokens of the prompt and answer; None where nobody counted them."
+    )
+    truncated: bool = Field(
+        False, description="The answer stopped at the token limit, not where the model ended it."
     )
 
 

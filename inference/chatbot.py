@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,14 +216,22 @@ def stream_text(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:
         yield piece
 
 
-def build_chatbot(config: PipelineConfig | None = None) -> Chatbot:
-    """Load the model of ``config`` and return a ready ``Chatbot``.
+@dataclass
+class LoadedModel:
+    """A model and tokenizer as loaded from disk (LoRA merged), before any optimisation."""
 
-    Raises ``ModelLoadError`` with what to do when the model cannot be loaded, instead of
-    returning ``None`` as NeuralChat did.
+    model: torch.nn.Module
+    tokenizer: Any
+    device: str
+    dtype: str
+
+
+def load_model(config: PipelineConfig) -> LoadedModel:
+    """Resolve device and dtype, and load the tokenizer and model of ``config``: the part of
+    ``build_chatbot`` that reads files (and may run in another process).
+
+    Raises ``ModelLoadError`` with what to do when the model cannot be loaded.
     """
-    config = config or PipelineConfig()
-    started = time.perf_counter()
     device = resolve_device(config.device)
     env_dtype = os.environ.get("SPRBOT_DTYPE", "auto")
     optimization = config.optimization_config
@@ -232,9 +240,25 @@ def build_chatbot(config: PipelineConfig | None = None) -> Chatbot:
     else:
         requested, forced = optimization.dtype, optimization.force or env_dtype == "bfloat16"
     dtype = resolve_dtype(requested, device, forced=forced, native_bf16=cpu_has_native_bf16())
-
     tokenizer = _load_tokenizer(config)
-    model = _load_model(config, dtype, device)
+    return LoadedModel(_load_model(config, dtype, device), tokenizer, device, dtype)
+
+
+def build_chatbot(
+    config: PipelineConfig | None = None, *, loaded: LoadedModel | None = None
+) -> Chatbot:
+    """Load the model of ``config`` and return a ready ``Chatbot``.
+
+    ``loaded``: the result of ``load_model(config)`` obtained elsewhere (the inference worker
+    loads new versions in a child process); it is optimised here instead of loading again.
+
+    Raises ``ModelLoadError`` with what to do when the model cannot be loaded, instead of
+    returning ``None`` as NeuralChat did.
+    """
+    config = config or PipelineConfig()
+    started = time.perf_counter()
+    loaded = loaded or load_model(config)
+    model, tokenizer, device, dtype = loaded.model, loaded.tokenizer, loaded.device, loaded.dtype
 
     backend = "stock"
     usable, why = ipex_status()

@@ -2,11 +2,18 @@
 
 The fallbacks are the three formats NeuralChat shipped models with: Llama-2's ``[INST]``,
 neural-chat's ``### System/User/Assistant`` and Alpaca's instruction/response.
+
+Every message's content is neutralised first (``neutralise``): a role marker or special token
+typed by a user, or stored in an FAQ answer, is broken with an invisible U+200B so that it
+cannot open a turn of its own, and tokenising the prompt cannot turn it into a special token
+id. Serving and training data both build prompts here, so both see the same text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 Message = dict[str, str]
@@ -19,6 +26,60 @@ ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
 )
+
+
+# Inserted after a marker's first character: invisible, and never part of a marker itself.
+MARKER_BREAK = "\u200b"
+# Role markers that prompt formats write as plain text, whatever the tokenizer: Llama-2's
+# [INST] and <<SYS>>, <|name|> tokens (ChatML's <|im_start|>, Zephyr's <|user|>, Llama 3's
+# <|eot_id|>) in case a tokenizer lacks them, and "### Role:" headers at the start of a line
+# (neural-chat, Alpaca).
+_TEXT_MARKERS = [
+    r"\[/?INST\]",
+    r"<</?SYS>>",
+    r"<\|[^|<>\s]{1,64}\|>",
+    r"(?im:^[ \t]*#{2,}[ \t]*(?:system|user|assistant|human|instruction|input|response)[ \t]*:)",
+]
+
+
+def neutralise(text: str, special_tokens: Iterable[str] = ()) -> str:
+    """``text`` with every role marker and every one of ``special_tokens`` broken by
+    ``MARKER_BREAK`` after its first visible character, so that it reads the same but opens
+    no turn and tokenises as plain text. Idempotent."""
+    pattern = _marker_pattern(tuple(sorted(set(special_tokens), key=len, reverse=True)))
+    while True:  # breaking one match can uncover an overlapping one
+        broken = pattern.sub(_break, text)
+        if broken == text:
+            return text
+        text = broken
+
+
+@functools.lru_cache(maxsize=32)
+def _marker_pattern(special_tokens: tuple[str, ...]) -> re.Pattern[str]:
+    # A one-character token cannot be broken from inside; no tokenizer has one as a role marker.
+    tokens = [re.escape(t) for t in special_tokens if len(t.strip()) > 1]
+    return re.compile("|".join([*tokens, *_TEXT_MARKERS]))
+
+
+def _break(match: re.Match[str]) -> str:
+    marker = match.group(0)
+    first = len(marker) - len(marker.lstrip()) + 1
+    return marker[:first] + MARKER_BREAK + marker[first:]
+
+
+def special_tokens_of(tokenizer) -> list[str]:
+    """The strings ``tokenizer`` turns into special token ids (BOS, EOS, role tokens...)."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            tokens.add(str(added))
+    return sorted(tokens)
+
+
+def neutralise_messages(messages: Sequence[Message], tokenizer) -> list[Message]:
+    """``messages`` with each content neutralised for ``tokenizer`` (see ``neutralise``)."""
+    special = special_tokens_of(tokenizer)
+    return [{**m, "content": neutralise(m["content"], special)} for m in messages]
 
 
 @dataclass(frozen=True)
@@ -47,9 +108,11 @@ def build_prompt(
     model_type: str | None,
     system_prompt: str | None = None,
 ) -> Prompt:
-    """Render ``messages`` (``{role, content}`` turns, the last one the user's) as a prompt."""
+    """Render ``messages`` (``{role, content}`` turns, the last one the user's) as a prompt.
+
+    Contents are neutralised (``neutralise``): a marker inside one cannot start another turn."""
     _check_messages(messages)
-    turns = list(messages)
+    turns = neutralise_messages(messages, tokenizer)
     if system_prompt and turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": system_prompt})
     if getattr(tokenizer, "chat_template", None):

@@ -6,6 +6,11 @@ steps. Deltas are coalesced (every few tokens or a quarter second) so adapters a
 flooded. A request is acknowledged only with its final reply (``Bus.finish``); a worker that
 dies leaves its requests pending, and another worker reclaims them.
 
+A request that carries its own ``history`` (the web API, whose client keeps the conversation)
+is answered from those turns instead of the conversation memory, and is not remembered; its
+``generation`` options (token limit, temperature, top_p) apply to it alone, the token limit
+capped at the worker's. Each final reply carries the token ``usage``.
+
 FAQ grounding (``WorkerOptions.faq_grounding``): each new question is compared with the
 approved FAQ entries. At cosine >= ``faq_threshold`` the entry's answer is the reply,
 prefixed ``From the team FAQ:``, streamed and finished like any other; below it, the
@@ -37,18 +42,22 @@ from dataclasses import dataclass, replace
 import redis
 
 from bot.bus import FAILED_MESSAGE, Bus, Delivery
+from bot.connection import reconnect_delay
 from bot.faq import Exchange, FaqEntry, FaqStore
+from bot.logs import request_context
 from bot.memory import ConversationMemory
+from bot.metrics import WORKER_PREFIX, WorkerMeter
 from bot.registry import BASE, EVENTS, ModelRegistry, parse_event
+from bot.schemas import FinalEvent, GenerationOptions, Turn, Usage
 from inference.batching import Scheduler
 from inference.chatbot import Chatbot, IncrementalDecoder, build_chatbot
 from inference.config import GenerationConfig, LoadingModelConfig, PipelineConfig
 from inference.errors import EmptyQueryError, PromptTooLongError
+from inference.loading import ChildLoadFailed, load_in_child, lowest_priority
 from inference.templates import DEFAULT_SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
 
-WORKER_PREFIX = "sprbot:worker:"
 FAQ_PREFIX = "From the team FAQ: "
 
 
@@ -56,7 +65,7 @@ FAQ_PREFIX = "From the team FAQ: "
 class WorkerOptions:
     max_batch: int = 8
     max_prompt_tokens: int = 1536  # history is trimmed to fit; a longer message is refused
-    reclaim_idle_ms: int = 300_000  # longer than the longest legitimate generation
+    reclaim_idle_ms: int = 300_000  # above a few heartbeats: each one touches what it holds
     coalesce_tokens: int = 8
     coalesce_s: float = 0.25
     heartbeat_s: float = 2.0
@@ -85,6 +94,10 @@ class _Sequence:
     pending: str = ""
     pending_tokens: int = 0
     last_emit: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    max_new_tokens: int = 0  # reaching it means the answer was cut short
+    shown: bool = False  # its first text went out: time to first token is measured
 
 
 class InferenceWorker:
@@ -118,9 +131,13 @@ class InferenceWorker:
         self.engines = [_Engine(version, chatbot, Scheduler(chatbot, self.options.max_batch))]
         self.sequences: dict[str, _Sequence] = {}
         self.served = 0
+        self.meter = WorkerMeter()
         self.started_at = time.time()
+        self.swapped_at = 0.0  # wall time of the last hot swap (0: none yet)
         self._last_heartbeat = 0.0
         self._last_reclaim = 0.0
+        # Finals that Redis did not take (it was restarting): written again once it is back.
+        self._unsettled: list[tuple[list[tuple[Delivery, FinalEvent]], list, str]] = []
         # Hot reload, shared with the event and loader threads under _lock.
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -147,6 +164,16 @@ class InferenceWorker:
     def version(self) -> str:
         return self.engine.version
 
+    def health(self) -> dict[str, object]:
+        """The model check of ``/healthz``: which version serves, and any load under way."""
+        return {
+            "ok": True,
+            "version": self.version,
+            "model": str(self.chatbot.config.model_name_or_path),
+            "loading": self.loading or None,
+            "load_error": self.load_error or None,
+        }
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
@@ -163,8 +190,20 @@ class InferenceWorker:
             ]
             for thread in threads:
                 thread.start()
+        failures = 0
         while not stop.is_set():
-            self.poll()
+            try:
+                self.poll()
+                failures = 0
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarts or is unreachable (redis-py has already retried for a couple
+                # of seconds): what this worker holds stays pending there, so wait and go on.
+                failures += 1
+                delay = reconnect_delay(failures)
+                log.warning(
+                    "worker %s: Redis unreachable (%s); retrying in %.1fs", self.id, exc, delay
+                )
+                stop.wait(delay)
         deadline = time.monotonic() + self.options.drain_s
         while self.sequences and time.monotonic() < deadline:
             self.step()
@@ -187,20 +226,29 @@ class InferenceWorker:
         """Swap in a loaded version, admit new work if there is room, run one decode step."""
         if self._ready is not None:
             self._swap()
+        while self._unsettled:
+            self._finish(*self._unsettled[0])
+            self._unsettled.pop(0)
         now = time.monotonic()
         room = min(self.options.max_batch - len(self.sequences), self.scheduler.room)
         if room > 0:
-            # Block only when idle: with sequences running, the next decode step must not wait.
-            block = None if self.sequences else 500
-            deliveries = self.bus.read_requests(self.id, count=room, block_ms=block)
+            deliveries: list[Delivery] = []
             if now - self._last_reclaim > min(5.0, self.options.reclaim_idle_ms / 2000):
                 self._last_reclaim = now
-                deliveries += self.bus.reclaim(
-                    self.id, self.options.reclaim_idle_ms, count=room - len(deliveries)
+                # Reclaimed requests first: they have waited longest, and under steady load
+                # new ones would otherwise fill every free slot and keep them waiting.
+                deliveries = self.bus.reclaim(self.id, self.options.reclaim_idle_ms, count=room)
+            if len(deliveries) < room:
+                # Block only when idle: with sequences running, the next decode step must not
+                # wait.
+                block = None if self.sequences or deliveries else 500
+                deliveries += self.bus.read_requests(
+                    self.id, count=room - len(deliveries), block_ms=block
                 )
             grounding = self.ground(deliveries)
             for delivery in deliveries:
-                self.admit(delivery, grounding.get(delivery.request.id))
+                with request_context(delivery.request.id):
+                    self.admit(delivery, grounding.get(delivery.request.id))
         if self.sequences:
             self.step()
         if now - self._last_heartbeat > self.options.heartbeat_s:
@@ -247,16 +295,33 @@ class InferenceWorker:
         hit, context = grounding or (None, [])
         if hit is not None:
             text = FAQ_PREFIX + hit.answer
-            self._finish([(delivery, text)], [delivery.delta(text)])
+            delta = delivery.delta(text)
+            usage = Usage(
+                prompt_tokens=self._count_tokens(request.text),
+                completion_tokens=self._count_tokens(text),
+            )
+            self._finish([(delivery, delivery.final(text, usage=usage))], [delta], source="faq")
             return
         try:
-            prompt_ids, config = self.prompt(request.conversation, request.text, context)
+            prompt_ids, config = self.prompt(
+                request.conversation,
+                request.text,
+                context,
+                history=request.history,
+                options=request.generation,
+            )
         except (PromptTooLongError, EmptyQueryError) as exc:
             self.bus.fail(
                 delivery,
                 "too_long" if isinstance(exc, PromptTooLongError) else "failed",
                 f"Sorry, {exc}",
             )
+            return
+        except Exception as exc:
+            # A client-given history the chat template refuses (roles that do not alternate,
+            # say): that request fails, the worker goes on.
+            log.warning("cannot build the prompt of %s: %s", request.id, exc)
+            self.bus.fail(delivery, "failed", f"Sorry, I cannot read this conversation: {exc}")
             return
         engine = self.engine
         engine.scheduler.add(request.id, prompt_ids, config)
@@ -265,42 +330,89 @@ class InferenceWorker:
             IncrementalDecoder(engine.chatbot.tokenizer),
             engine,
             last_emit=0.0,  # the first token goes out at once: coalescing starts after it
+            prompt_tokens=len(prompt_ids),
+            max_new_tokens=config.max_new_tokens,
         )
 
+    def _count_tokens(self, text: str) -> int:
+        return len(self.chatbot.tokenizer(text, add_special_tokens=False).input_ids)
+
     def prompt(
-        self, conversation: str, text: str, faq: Sequence[FaqEntry] = ()
+        self,
+        conversation: str,
+        text: str,
+        faq: Sequence[FaqEntry] = (),
+        *,
+        history: Sequence[Turn] | None = None,
+        options: GenerationOptions | None = None,
     ) -> tuple[list[int], GenerationConfig]:
-        """The prompt for ``text`` after the conversation's remembered turns, oldest turns
-        dropped until it fits ``max_prompt_tokens`` (then the least close FAQ entries).
-        ``faq`` entries go into the system message as reference."""
-        history = self.memory.turns(conversation)
+        """The prompt for ``text`` after the conversation's turns (``history`` when the client
+        gave them, else the remembered ones), oldest turns dropped until it fits
+        ``max_prompt_tokens`` (then the least close FAQ entries). ``faq`` entries go into the
+        system message as reference, after the client's own system messages if any."""
+        if history is None:
+            turns = self.memory.turns(conversation)
+        else:
+            turns = [t.model_dump() for t in history]
+        # Templates take one system message, first: the client's are merged into it.
+        given_system = "\n\n".join(t["content"] for t in turns if t["role"] == "system")
+        turns = [t for t in turns if t["role"] != "system"]
+        generation = self.generation_for(options)
         faq = list(faq)
         limit = min(self.options.max_prompt_tokens, self.chatbot.context_length - 1)
         while True:
-            messages = [*history, {"role": "user", "content": text}]
+            messages = [*turns, {"role": "user", "content": text}]
+            system = given_system
             if faq:
                 notes = "\n".join(f"Q: {e.question}\nA: {e.answer}" for e in faq)
-                system = self.chatbot.config.system_prompt or DEFAULT_SYSTEM_PROMPT
-                content = f"{system}\n\nFrom the team's FAQ, use it where it applies:\n{notes}"
-                messages.insert(0, {"role": "system", "content": content})
-            prompt_ids, config = self.chatbot.prepare(messages, self.generation)
+                base = given_system or self.chatbot.config.system_prompt or DEFAULT_SYSTEM_PROMPT
+                system = f"{base}\n\nFrom the team's FAQ, use it where it applies:\n{notes}"
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            prompt_ids, config = self.chatbot.prepare(messages, generation)
             if len(prompt_ids) <= limit:
                 return prompt_ids, config
-            if history:
-                history = history[2:]
+            if turns:
+                turns = turns[2:]
             elif faq:
                 faq.pop()
             else:
                 raise PromptTooLongError(len(prompt_ids), limit)
 
+    def generation_for(self, options: GenerationOptions | None) -> GenerationConfig:
+        """The worker's generation settings with a request's own applied: its token limit
+        capped at the worker's; temperature or top_p 0 decodes greedily, another temperature
+        samples."""
+        config = self.generation
+        if options is None:
+            return config
+        changes: dict[str, object] = {}
+        if options.max_new_tokens is not None:
+            changes["max_new_tokens"] = min(options.max_new_tokens, config.max_new_tokens)
+        if options.temperature is not None:
+            if options.temperature > 0:
+                changes.update(do_sample=True, temperature=options.temperature)
+            else:
+                changes["do_sample"] = False
+        if options.top_p is not None:
+            if options.top_p > 0:
+                changes["top_p"] = options.top_p
+            else:
+                changes["do_sample"] = False
+        return replace(config, **changes) if changes else config
+
     def step(self) -> None:
         """One decode step of every engine that has sequences (two during a swap)."""
         deltas, finals = [], []
+        firsts = []  # requests whose first text goes out with this step
         for engine in list(self.engines):
             if not engine.scheduler.active:
                 continue
+            rows, started = engine.scheduler.active, time.perf_counter()
             try:
                 produced = engine.scheduler.step()
+                tokens = sum(token is not None for _, token in produced)
+                self.meter.decode_step(rows, tokens, time.perf_counter() - started)
             except Exception:
                 mine = [rid for rid, seq in self.sequences.items() if seq.engine is engine]
                 log.exception("decode step failed; failing the %d requests in it", len(mine))
@@ -315,28 +427,65 @@ class InferenceWorker:
                     piece = seq.decoder.flush()
                     if piece or seq.pending:
                         deltas.append(seq.delivery.delta(seq.pending + piece))
-                    finals.append((seq.delivery, seq.decoder.text))
+                    usage = Usage(
+                        prompt_tokens=seq.prompt_tokens, completion_tokens=seq.completion_tokens
+                    )
+                    final = seq.delivery.final(
+                        seq.decoder.text,
+                        usage=usage,
+                        truncated=seq.completion_tokens >= seq.max_new_tokens,
+                    )
+                    finals.append((seq.delivery, final))
+                    if not seq.shown:
+                        firsts.append(seq.delivery.request)
                     del self.sequences[request_id]
                     continue
                 seq.pending += seq.decoder.push(token)
                 seq.pending_tokens += 1
+                seq.completion_tokens += 1
                 due = now - seq.last_emit >= self.options.coalesce_s
                 if seq.pending and (seq.pending_tokens >= self.options.coalesce_tokens or due):
                     deltas.append(seq.delivery.delta(seq.pending))
                     seq.pending, seq.pending_tokens, seq.last_emit = "", 0, now
+                    if not seq.shown:
+                        seq.shown = True
+                        firsts.append(seq.delivery.request)
         if finals:
             self._finish(finals, deltas)
         elif deltas:
             self.bus.emit(*deltas)
+        for request in firsts:
+            self.meter.first_text(request, "model")
         if len(self.engines) > 1:
             self._retire()
 
-    def _finish(self, finals: list[tuple[Delivery, str]], deltas: list) -> None:
-        written = self.bus.finish_many(finals, events=deltas)
-        fresh = [item for item, new in zip(finals, written, strict=True) if new]
+    def _finish(
+        self, finals: list[tuple[Delivery, FinalEvent]], deltas: list, source: str = "model"
+    ) -> None:
+        """Write the finals; ``source`` (``model`` or ``faq``) labels their latencies."""
+        try:
+            written = self.bus.finish_many(finals, events=deltas)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Finishing is idempotent (one final per request id), so ``poll`` simply tries
+            # again; otherwise these would wait for the reclaim bound (minutes).
+            if not any(item[0] is finals for item in self._unsettled):
+                self._unsettled.append((finals, deltas, source))
+            raise
+        fresh = [(d, event.text) for (d, event), new in zip(finals, written, strict=True) if new]
         for delivery, text in fresh:
             request = delivery.request
-            self.memory.append(request.conversation, request.text, text)
+            if source == "faq":  # the whole answer is its first text
+                self.meter.first_text(request, source)
+            took = self.meter.answered(request, source)
+            log.info(
+                "answered %s from the %s in %.2fs",
+                request.id,
+                source,
+                took,
+                extra={"request_id": request.id, "answer_s": round(took, 3)},
+            )
+            if request.history is None:  # a client that sends the history keeps it itself
+                self.memory.append(request.conversation, request.text, text)
             self.served += 1
         if self.faq is not None and fresh:
             self.faq.remember(
@@ -346,6 +495,9 @@ class InferenceWorker:
 
     def heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()
+        # What this worker holds is alive: not for another worker to reclaim, however long
+        # the batch takes.
+        self.bus.touch(self.id, [seq.delivery.entry_id for seq in self.sequences.values()])
         if self.registry is not None and self.loader is not None:
             # Catches a promotion whose event this worker missed (it was reconnecting).
             try:
@@ -378,9 +530,12 @@ class InferenceWorker:
                 "served": self.served,
                 "queue_lag": stats.backlog - stats.pending,
                 "started_at": self.started_at,
+                "swapped_at": self.swapped_at,
                 "updated_at": time.time(),
+                **self.meter.heartbeat_fields(),
             },
         )
+        self.meter.serving(self.version, info, len(self.sequences), self.options.max_batch)
         pipe.expire(key, max(10, int(self.options.heartbeat_s * 5)))
         pipe.execute()
 
@@ -416,6 +571,7 @@ class InferenceWorker:
 
     def _load_models(self, stop: threading.Event) -> None:
         """Load the wanted version off the main thread; ``poll`` swaps it in."""
+        lowest_priority()  # the version's optimisation and warm-up run here
         while not stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
@@ -459,6 +615,7 @@ class InferenceWorker:
                 return
             old = self.engines[-1]
             self.engines.append(ready)
+            self.swapped_at = time.time()
         under_way = sum(seq.engine is old for seq in self.sequences.values())
         log.info(
             "worker %s now serves %s (was %s; %d answers under way finish on it)",
@@ -490,17 +647,25 @@ def _warm_up(scheduler: Scheduler) -> None:
 def version_loader(registry: ModelRegistry, base: PipelineConfig) -> Callable[[str], Chatbot]:
     """Loads a registered version the way ``base`` loads the configured model: ``base``
     itself, a full model folder, or a LoRA adapter applied to the model it was trained on
-    (merged at load, so it decodes at full speed)."""
+    (merged at load, so it decodes at full speed). The files are read in a child process
+    (``inference.loading``), so that the answers in flight keep decoding meanwhile."""
 
     def load(version: str) -> Chatbot:
-        if version == BASE:
-            return build_chatbot(base)
-        record = registry.get(version)
-        path = str(registry.path(record))
-        if record.kind == "lora":
-            loading = replace(base.loading_config or LoadingModelConfig(), peft_path=path)
-            model = record.base_model or base.model_name_or_path
-            return build_chatbot(replace(base, model_name_or_path=model, loading_config=loading))
-        return build_chatbot(replace(base, model_name_or_path=path))
+        config = base
+        if version != BASE:
+            record = registry.get(version)
+            path = str(registry.path(record))
+            if record.kind == "lora":
+                loading = replace(base.loading_config or LoadingModelConfig(), peft_path=path)
+                model = record.base_model or base.model_name_or_path
+                config = replace(base, model_name_or_path=model, loading_config=loading)
+            else:
+                config = replace(base, model_name_or_path=path)
+        try:
+            loaded = load_in_child(config)
+        except ChildLoadFailed as exc:
+            log.warning("loading %s in this process instead of a child: %s", version, exc)
+            loaded = None
+        return build_chatbot(config, loaded=loaded)
 
     return load

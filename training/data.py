@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from bot.errors import SprbotError
-from inference.templates import Message, Prompt, build_prompt
+from inference.templates import Message, Prompt, build_prompt, neutralise_messages
 from training.config import DataArguments
 
 IGNORE_INDEX = -100
@@ -358,6 +358,9 @@ class Encoder:
     def encode(self, messages: list[Message]) -> list[dict[str, list[int]]]:
         """One example for the whole conversation where the chat template allows it, else one
         per assistant turn."""
+        # Neutralised up front, as build_prompt does: the chat template's finished text and
+        # the answer targets must show markers in content exactly as serving prompts do.
+        messages = neutralise_messages(messages, self.tokenizer)
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if len(answers) > 1 and self.has_chat_template:
             whole = self._whole(messages, answers)
@@ -368,7 +371,7 @@ class Encoder:
     def prompt_ids(self, turns: list[Message]) -> list[int]:
         """The prompt for ``turns`` (the last one the user's), fitted to max_source_length and
         tokenised as the chatbot does."""
-        prompt = self._prompt(self._fit(turns))
+        prompt = self._prompt(self._fit(neutralise_messages(turns, self.tokenizer)))
         return self._ids(prompt.text, prompt.add_special_tokens)
 
     def _prompt(self, turns: list[Message]) -> Prompt:

@@ -19,20 +19,24 @@ The admin who asked sees one progress message edited in place: the job writes pr
 and then one final (or error) event on the reply stream of the channel the command came from,
 under the job id as request id, like any answer. The final carries ``loss.png``.
 
-Failure: an exception or the job timeout ends the job failed and tells the admin. A killed
-worker leaves the job in RQ's started registry until its heartbeat expires (the monitoring
-interval + 60 s); the next worker's maintenance run (every ``train_maintenance_s``) marks it
-failed, which runs the same failure report. Nothing is registered before training and
+Failure: an exception or the job timeout ends the job failed and tells the admin (a full
+disk, with what to free). A work horse killed alone (the OOM killer's choice) is reported by
+its worker at once (``report_killed_horse``). A killed worker leaves the job in RQ's
+started registry until its heartbeat expires (the monitoring interval + 60 s); the next
+worker's maintenance run (every ``train_maintenance_s``) marks it failed, which runs the same
+failure report. Nothing is registered before training and
 evaluation succeed, so the serving model is never touched by a failed job.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,8 @@ from rq.job import Job, JobStatus
 from bot.bus import Bus
 from bot.config import Settings, load_settings
 from bot.connection import connect
+from bot.logs import REQUEST_ID
+from bot.metrics import TrainingState
 from bot.schemas import ErrorEvent, FinalEvent, ProgressEvent
 
 if TYPE_CHECKING:
@@ -59,6 +65,8 @@ RUNNING = "sprbot:train:running"  # the job id holding the one retrain slot
 _SEQ = "sprbot:train:seq:"  # per job: numbers its progress events across processes
 REGRESSION_SET = Path(__file__).parent / "data" / "regression.json"
 _ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+# What a full disk (or quota, or file size limit) makes writes fail with.
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # The candidate may be this much worse (relative) on a loss and still pass: the same model
 # evaluated twice in bf16 differs by a little.
 LOSS_TOLERANCE = 0.02
@@ -87,6 +95,10 @@ class RetrainOptions:
 
 class TrainingWorkerGone(Exception):
     """The worker that forked this job's work horse died: the horse gives the job up."""
+
+
+class WorkHorseKilled(Exception):
+    """The work horse died without a word: a signal (the OOM killer's SIGKILL, say) or exit."""
 
 
 # -- the command side ----------------------------------------------------------------------------
@@ -187,6 +199,29 @@ class TrainingQueue:
         self.redis.delete(RUNNING)
         return f"Cancelling the retrain {job.id}. The serving model stays as it is."
 
+    def state(self) -> TrainingState:
+        """For ``sprbot status`` and ``/metrics``: the retrain holding the slot, with its
+        progress, and how many ended jobs RQ still keeps."""
+        ended = {
+            "finished": self.queue.finished_job_registry.count,
+            "failed": self.queue.failed_job_registry.count,
+            "canceled": self.queue.canceled_job_registry.count,
+        }
+        job = self.running()  # fetched just now: its meta is current
+        if job is None:
+            return TrainingState(ended=ended)
+        status, meta = job.get_status(), job.meta
+        return TrainingState(
+            status=getattr(status, "value", str(status)),
+            job_id=job.id,
+            phase=meta.get("phase", ""),
+            step=meta.get("step"),
+            total=meta.get("total"),
+            loss=meta.get("loss"),
+            eta_s=meta.get("eta_s"),
+            ended=ended,
+        )
+
     def sweep(self) -> None:
         """Fail jobs whose worker died (RQ's own cleanup, which runs their failure report)."""
         self.queue.started_job_registry.cleanup()
@@ -278,9 +313,16 @@ def report_failure(job: Job, connection: redis.Redis, exc_type, exc_value, tb) -
         why = f"it ran past its time limit ({job.timeout}s, SPRBOT_TRAIN_TIMEOUT_S)"
     elif name == "StopRequested":
         why = "it was cancelled"
+    elif name == "WorkHorseKilled":
+        why = str(exc_value)
+    elif _disk_full(exc_value):
+        why = (
+            f"it could not write to the disk ({_disk_full(exc_value)}): free space where "
+            "SPRBOT_DATA_DIR is, then /retrain again"
+        )
     else:
         why = f"{name}: {exc_value}" if exc_value else name
-    log.warning("retrain %s failed: %s", job.id, why)
+    log.warning("retrain %s failed: %s", job.id, why, extra={"request_id": job.id})
     _remove_unregistered(job, connection)
     try:
         _announcer(job, connection).error(
@@ -290,6 +332,32 @@ def report_failure(job: Job, connection: redis.Redis, exc_type, exc_value, tb) -
         raw = connection.get(RUNNING)
         if raw is not None and (raw.decode() if isinstance(raw, bytes) else raw) == job.id:
             connection.delete(RUNNING)
+
+
+def _disk_full(exc: BaseException | None) -> str | None:
+    """The system's words for a full disk, if that is what ``exc`` is (safetensors raises its
+    own error, with only the words)."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return exc.strerror
+    text = str(exc)
+    return next((os.strerror(code) for code in _DISK_FULL if os.strerror(code) in text), None)
+
+
+def report_killed_horse(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+    """RQ's hook for a work horse that died without reporting. RQ then marks the job failed
+    but runs no failure callback: without this the admin would never hear of it, and the
+    version folder the job had begun would stay behind."""
+    if os.WIFSIGNALED(ret_val):
+        number = os.WTERMSIG(ret_val)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        hint = " (out of memory?)" if number == signal.SIGKILL else ""
+        why = f"its training process was killed by {name}{hint}"
+    else:
+        why = f"its training process exited with status {os.waitstatus_to_exitcode(ret_val)}"
+    report_failure(job, job.connection, WorkHorseKilled, WorkHorseKilled(why), None)
 
 
 def _remove_unregistered(job: Job, connection: redis.Redis) -> None:
@@ -331,11 +399,13 @@ def retrain_job(requested_by: str, channel: str, reply_to: dict[str, Any]) -> di
     work.mkdir(parents=True)
 
     version = folder = None
+    logged_as = REQUEST_ID.set(job_id)  # its log lines carry the job id, as a request's do
 
     def phase(name: str, **meta: Any) -> None:
         if job is not None:
             job.meta.update({"phase": name, **meta})
             job.save_meta()
+        log.info("retrain %s: %s", job_id, name)
         say.progress(f"Retrain {job_id}: {name}…")
 
     try:
@@ -411,6 +481,7 @@ def retrain_job(requested_by: str, channel: str, reply_to: dict[str, Any]) -> di
         raw = client.get(RUNNING)
         if raw is not None and (raw.decode() if isinstance(raw, bytes) else raw) == job_id:
             client.delete(RUNNING)
+        REQUEST_ID.reset(logged_as)
 
 
 def _split(
@@ -649,5 +720,6 @@ def run_worker(settings: Settings, base_model: str, *, burst: bool = False) -> N
         # An idle worker blocks on the queue for worker_ttl - 15 s between maintenance runs
         # (405 s by default): keep that to the maintenance interval.
         worker_ttl=settings.train_maintenance_s + 15,
+        work_horse_killed_handler=report_killed_horse,
     )
     worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level)
