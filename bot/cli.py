@@ -219,6 +219,8 @@ def _bus(settings: Settings):
         max_deliveries=settings.max_deliveries,
         max_backlog=settings.max_backlog,
         max_text_chars=settings.max_text_chars,
+        dedupe_ttl_s=settings.request_ttl_s,
+        final_ttl_s=settings.request_ttl_s,
     )
 
 

@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     )
     max_backlog: int = Field(256, ge=1, description="Queued requests before 'busy'.")
     max_deliveries: int = Field(3, ge=1, description="Tries before a request is dead-lettered.")
+    request_ttl_s: int = Field(
+        86_400,
+        ge=60,
+        description="How long a request id is remembered: its ingress dedupe mark (Telegram "
+        "re-delivers an update for up to 24 h) and its answered mark. Per-request keys expire "
+        "after it, so Redis holds about rate x this many of them.",
+    )
     reclaim_idle_ms: int = Field(
         300_000, ge=100, description="A request idle this long in a dead worker is retried."
     )
@@ -258,6 +265,19 @@ class Settings(BaseSettings):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{address!r} is not host:port (e.g. sentinel-0:26379)")
         return value
+
+    @model_validator(mode="after")
+    def _request_ttl_outlasts_reclaims(self) -> Settings:
+        # A worker that overran its reclaim must still find the answered mark when it finishes,
+        # or the user gets a second answer.
+        floor_s = self.reclaim_idle_ms * self.max_deliveries / 1000
+        if self.request_ttl_s < floor_s:
+            raise ValueError(
+                f"SPRBOT_REQUEST_TTL_S={self.request_ttl_s} is shorter than the last retry of a "
+                f"request (SPRBOT_RECLAIM_IDLE_MS x SPRBOT_MAX_DELIVERIES = {floor_s:g} s): "
+                f"raise it to at least {floor_s:g}, or lower SPRBOT_RECLAIM_IDLE_MS"
+            )
+        return self
 
     @model_validator(mode="after")
     def _redis_options_fit_the_url(self) -> Settings:

@@ -245,6 +245,59 @@ def _feedback_rid(call: Call) -> str | None:
     return None
 
 
+class Load:
+    """Users writing to the bot from a thread: ``count`` messages at a random pace (``gaps``
+    seconds apart), never more than ``lead`` messages past a fault still to come, so that
+    every fault finds work in flight. The test calls ``fault_done`` after each fault."""
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        count: int,
+        faults_after: list[int],
+        pace: random.Random,
+        *,
+        gaps: tuple[float, float] = (0.05, 0.25),
+        lead: int = 20,
+        text: str = "Message {i}: tell me about the weather, the office and lunch.",
+    ) -> None:
+        self.deployment = deployment
+        self.count = count
+        self.faults_after = sorted(faults_after)
+        self.pace = pace
+        self.gaps = gaps
+        self.lead = lead
+        self.text = text
+        self.faults = 0
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._send, name="chaos-load")
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            self._abort.set()
+        self._thread.join()
+
+    def fault_done(self) -> None:
+        self.faults += 1
+
+    def wait_for(self, sent: int) -> None:
+        wait_until(lambda: len(self.deployment.asked) >= sent, 120, f"message {sent} to be sent")
+
+    def _send(self) -> None:
+        for i in range(self.count):
+            due = sum(after <= i - self.lead for after in self.faults_after)
+            while self.faults < due and not self._abort.is_set():
+                time.sleep(0.05)
+            if self._abort.is_set():
+                return
+            self.deployment.ask(self.text.format(i=i))
+            time.sleep(self.pace.uniform(*self.gaps))
+
+
 class FinalWatcher:
     """Notes when each watched request's final reply is written on the bus (its ``final`` key
     appears): with the time it is shown, this splits a recovery into the workers' part and the

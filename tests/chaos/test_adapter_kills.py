@@ -7,11 +7,10 @@ reply stream until the new one takes them over (``SPRBOT_REPLY_RECLAIM_IDLE_MS``
 from __future__ import annotations
 
 import random
-import threading
 import time
 
 import pytest
-from harness import wait_until
+from harness import Load, wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -24,32 +23,20 @@ def test_adapter_kills_between_ingress_and_delivery_lose_and_duplicate_no_answer
 ):
     adapter = deployment.start_adapter()
     deployment.start_worker()
-    pace = random.Random(rng.random())
-    kills_done = threading.Event()
-
-    def send() -> None:
-        for i in range(MESSAGES):
-            if i == MESSAGES - 5:
-                kills_done.wait(timeout=300)  # keep some load until the last kill
-            deployment.ask(f"Message {i}: what should I bring to the offsite?")
-            time.sleep(pace.uniform(0.1, 0.4))
-
-    sender = threading.Thread(target=send)
     kill_after = sorted(rng.sample(range(5, MESSAGES - 10), KILLS))
     kills = []  # (when, requests accepted but not shown at that moment)
-    sender.start()
-    try:
+    text = "Message {i}: what should I bring to the offsite?"
+    pace = random.Random(rng.random())
+    with Load(deployment, MESSAGES, kill_after, pace, gaps=(0.1, 0.4), text=text) as load:
         for after in kill_after:
-            wait_until(lambda: len(deployment.asked) >= after, 120, f"message {after}")  # noqa: B023
+            load.wait_for(after)
             wait_until(deployment.in_between, 60, "a message between ingress and delivery", 0.01)
             time.sleep(rng.uniform(0.0, 0.3))
             at = adapter.kill()
             kills.append((at, deployment.in_between()))
+            load.fault_done()
             time.sleep(rng.uniform(0.0, 1.0))  # the supervisor notices, then restarts it
             adapter = deployment.start_adapter()
-    finally:
-        kills_done.set()
-        sender.join()
 
     ledger = deployment.settled(timeout=180)
     accepted = ledger.accepted

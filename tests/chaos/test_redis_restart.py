@@ -23,7 +23,7 @@ import time
 
 import pytest
 import redis
-from harness import wait_until
+from harness import Load, wait_until
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -42,16 +42,6 @@ def test_redis_killed_then_shut_down_mid_load_loses_and_duplicates_no_answer(
 ):
     adapter = deployment.start_adapter()
     worker = deployment.start_worker()
-    pace = random.Random(rng.random())
-    faults_done = threading.Event()
-
-    def send() -> None:
-        for i in range(MESSAGES):
-            if i == MESSAGES - 5:
-                faults_done.wait(timeout=300)
-            deployment.ask(f"Message {i}: is the canteen open on Sunday?")
-            time.sleep(pace.uniform(0.05, 0.3))
-
     # Down longer than redis-py's own retries after the crash, shorter after the shutdown.
     faults = [
         ("SIGKILL", deployment.kill_redis, (3.0, 5.0)),
@@ -59,20 +49,18 @@ def test_redis_killed_then_shut_down_mid_load_loses_and_duplicates_no_answer(
     ]
     fault_after = sorted(rng.sample(range(10, MESSAGES - 10), len(faults)))
     outages = []  # (fault, down at, up at, requests in between at that moment)
-    sender = threading.Thread(target=send)
-    sender.start()
-    try:
+    text = "Message {i}: is the canteen open on Sunday?"
+    pace = random.Random(rng.random())
+    with Load(deployment, MESSAGES, fault_after, pace, gaps=(0.05, 0.3), text=text) as load:
         for (name, fault, down_s), after in zip(faults, fault_after, strict=True):
-            wait_until(lambda: len(deployment.asked) >= after, 120, f"message {after}")  # noqa: B023
+            load.wait_for(after)
             wait_until(deployment.in_between, 60, "a message between ingress and delivery", 0.01)
             between = deployment.in_between()
             down = fault()
             time.sleep(rng.uniform(*down_s))
             up = deployment.restart_redis()
             outages.append((name, down, up, between))
-    finally:
-        faults_done.set()
-        sender.join()
+            load.fault_done()
 
     ledger = deployment.settled(timeout=180)
     accepted = ledger.accepted

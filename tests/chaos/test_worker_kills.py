@@ -6,11 +6,10 @@ stays pending on the bus until the other worker reclaims it (``SPRBOT_RECLAIM_ID
 from __future__ import annotations
 
 import random
-import threading
 import time
 
 import pytest
-from harness import FinalWatcher, wait_until
+from harness import FinalWatcher, Load, wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -23,30 +22,18 @@ def test_five_worker_kills_during_200_messages_lose_and_duplicate_no_answer(
 ):
     deployment.start_adapter()
     workers = [deployment.start_worker(), deployment.start_worker()]
-    pace = random.Random(rng.random())  # the sender's own, so its draws do not shift the kills
-
-    kills_done = threading.Event()
-
-    def send() -> None:
-        for i in range(MESSAGES):
-            if i == MESSAGES - 10:
-                kills_done.wait(timeout=300)  # keep some load until the last kill
-            deployment.ask(f"Message {i}: tell me about the weather, the office and lunch.")
-            time.sleep(pace.uniform(0.05, 0.25))
+    kill_after = sorted(rng.sample(range(15, MESSAGES - 15), KILLS))  # messages sent first
+    kills = []  # (when, request ids the dead worker held)
+    watcher = FinalWatcher(deployment.client)
 
     def holders() -> list:
         """Serving workers that hold requests right now."""
         live = [w for w in workers if w.alive() and deployment.ready(w)]
         return [w for w in live if deployment.pending_of(w.consumer)]
 
-    sender = threading.Thread(target=send)
-    kill_after = sorted(rng.sample(range(15, MESSAGES - 15), KILLS))  # messages sent first
-    kills = []  # (when, request ids the dead worker held)
-    watcher = FinalWatcher(deployment.client)
-    sender.start()
-    try:
+    with Load(deployment, MESSAGES, kill_after, random.Random(rng.random())) as load:
         for after in kill_after:
-            wait_until(lambda: len(deployment.asked) >= after, 120, f"message {after}")  # noqa: B023
+            load.wait_for(after)
             # A random moment while it holds work: mid-prefill, mid-decode or mid-write.
             victim = rng.choice(wait_until(holders, 60, "a worker holding requests", every=0.005))
             time.sleep(rng.uniform(0.0, 0.1))
@@ -54,10 +41,10 @@ def test_five_worker_kills_during_200_messages_lose_and_duplicate_no_answer(
             kills.append((at, deployment.pending_of(victim.consumer)))
             watcher.watch(kills[-1][1])
             workers.remove(victim)
-            workers.append(deployment.start_worker(wait=False))  # the supervisor's restart
-    finally:
-        kills_done.set()
-        sender.join()
+            # The supervisor's restart. Until it serves, the other worker alone recovers what
+            # the dead one held, and the next kill waits: one of two workers dies each time.
+            workers.append(deployment.start_worker())
+            load.fault_done()
 
     ledger = deployment.settled(timeout=240)
     watcher.close()
