@@ -85,6 +85,7 @@ from bot.schemas import (
     Usage,
     check_text_length,
     request_id,
+    shape_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,8 @@ def parse_completion(body: Any) -> tuple[CompletionRequest, str, list[Turn]]:
     the body is not a chat completion request sprbot can answer."""
     if not isinstance(body, dict):
         raise ApiError(400, "The body must be a JSON object with 'messages'.")
+    if problem := shape_problem(body, {}):  # a lone surrogate: valid JSON, not storable
+        raise ApiError(400, f"The body cannot be read: {problem}.")
     try:
         parsed = CompletionRequest.model_validate(body)
     except ValidationError as exc:
@@ -228,12 +231,12 @@ def _turn(index: int, message: _Message) -> Turn:
             raise ApiError(400, f"messages.{index} has no content.", param=f"messages.{index}")
         content = ""
     elif isinstance(content, list):
-        kinds = {part.get("type") for part in content}
+        kinds = {str(part.get("type")) for part in content}  # str: a type may be a list
         if kinds - {"text"} or not all(isinstance(part.get("text"), str) for part in content):
             raise ApiError(
                 400,
                 f"messages.{index}.content: only text parts are supported "
-                f"(got {', '.join(sorted(str(k) for k in kinds))}).",
+                f"(got {', '.join(sorted(kinds))}).",
                 param=f"messages.{index}.content",
             )
         content = "".join(part["text"] for part in content)
@@ -609,6 +612,8 @@ class WebAdapter:
         body = await _json_body(request)
         if not isinstance(body, dict):
             raise ApiError(400, "The body must be a JSON object with 'id' and 'rating'.")
+        if problem := shape_problem(body, {}):
+            raise ApiError(400, f"The body cannot be read: {problem}.")
         completion, rating = body.get("id"), body.get("rating")
         if not isinstance(completion, str) or not 0 < len(completion) <= 200:
             raise ApiError(400, "'id' must be the id of a completion (chatcmpl-...).", param="id")

@@ -788,13 +788,17 @@ class ReplyTracker(Generic[Answer]):
         event = reply.event
         terminal = event.kind in ("final", "error")
         held = self.outgoing.get(event.request_id)
+        # Redis first: should it fail, nothing here has changed and the entry is read again.
+        # (Fed first, the assembler would hold the request done, and that final, read again,
+        # would be dropped unshown.)
+        shown_already = terminal and self.delivered(event.request_id)
         display = self.assembler.feed(event)
         if display is None:
             if terminal and held is not None and held.entries:
                 held.entries.append(reply.entry_id)  # a reclaimed copy of a final in hand
                 return []
             return [reply.entry_id]
-        if terminal and self.delivered(event.request_id):
+        if shown_already:
             self.outgoing.pop(event.request_id, None)
             return [reply.entry_id]  # shown by a replica that died before acknowledging
         if held is None:
@@ -814,13 +818,14 @@ class ReplyTracker(Generic[Answer]):
         return bool(self.bus.redis.exists(self.delivered_prefix + request_id))
 
     def finished(self, request_id: str, *, shown: bool) -> Answer:
-        """The answer is shown (or given up): record it, acknowledge its final, forget it."""
-        out = self.outgoing.pop(request_id)
+        """The answer is shown (or given up): record it, acknowledge its final, forget it.
+        Forgotten last: if Redis fails here the answer stays in hand, to be finished again."""
+        out = self.outgoing[request_id]
         self.bus.redis.set(
             self.delivered_prefix + request_id, "1" if shown else "0", ex=self.bus.final_ttl_s
         )
         self.bus.ack_replies(self.channel, *out.entries)
-        return out
+        return self.outgoing.pop(request_id)
 
 
 def _outcome(event: FinalEvent | ErrorEvent) -> str:

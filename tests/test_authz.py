@@ -22,16 +22,19 @@ who, what and the result.
 The commands come from ``bot.commands.COMMANDS``, and the platforms from ``PLATFORMS``: a
 new admin command is covered without editing this file (give it an entry in ``ARRANGE`` to
 check what an admin's run changes), and a new platform with an admin list fails here until
-it has a driver. The web API (``adapters/web.py``) is not in ``PLATFORMS`` yet, and has no
-admin commands: add a driver once it has.
+it has a driver. The web API (``adapters/web.py``) dispatches commands too, but has no admin
+list (it is not in ``PLATFORMS``), so it refuses every admin command to everyone; give it a
+driver here when it gets admins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -46,7 +49,8 @@ from standins.telegram_api import BotAPI
 from adapters.console import ConsoleChannel
 from adapters.slack import SlackAdapter
 from adapters.telegram import ANSWER_KEY, TelegramAdapter
-from bot.bus import Bus
+from adapters.web import WebAdapter
+from bot.bus import REQUESTS, Bus
 from bot.commands import COMMANDS, PLATFORMS, CommandContext, Stores
 from bot.config import Settings
 from bot.connection import connect
@@ -115,9 +119,19 @@ class World:
         return ""
 
     def state(self) -> dict[bytes, bytes]:
-        """Every key that only admin commands change, with its value (DUMP), byte for byte."""
-        keys = [k for p in STATE_PREFIXES for k in self.redis.scan_iter(match=p + "*")]
-        return {k: self.redis.dump(k) for k in sorted(set(keys))}
+        """Every key that only admin commands change, with its value, byte for byte (DUMP;
+        hashes and sets as their sorted members: their DUMP follows Redis's bucket order,
+        which a background rehash changes without any write)."""
+        keys = sorted({k for p in STATE_PREFIXES for k in self.redis.scan_iter(match=p + "*")})
+        return {k: self._value(k) for k in keys}
+
+    def _value(self, key: bytes) -> object:
+        kind = self.redis.type(key)
+        if kind == b"hash":
+            return sorted(self.redis.hgetall(key).items())
+        if kind == b"set":
+            return sorted(self.redis.smembers(key))
+        return self.redis.dump(key)
 
 
 # What an admin's run needs, set up before every attempt (a non-admin's too, so that a
@@ -335,3 +349,87 @@ def test_only_admins_change_state_and_every_attempt_is_audited(
     assert not wrong, "\n".join(wrong)
     cells = len(ADMIN_COMMANDS) * len(USER_KINDS)
     assert len(world.stores.audit.entries(1000)) == cells  # and no attempt went unrecorded
+
+
+# -- the web API: no admin list, so every caller is refused ------------------------------------
+
+WEB_KEY = "authz-web-key-0123456789"
+# Who calls, and what they must get: a user id (the command runs, is refused and audited) or an
+# HTTP status (refused before any command runs, so there is nothing to audit).
+WEB_CALLERS: dict[str, str | int] = {
+    "valid key": "key-" + hashlib.sha256(WEB_KEY.encode()).hexdigest()[:8],
+    "no keys set": "local",  # the adapter serves 127.0.0.1 only, without keys
+    "wrong key": 401,
+    "no key": 401,
+}
+WEB_HEADERS = {
+    "valid key": {"Authorization": f"Bearer {WEB_KEY}"},
+    "no keys set": {},
+    "wrong key": {"Authorization": f"Bearer {WEB_KEY[:-1]}x"},
+    "no key": {},
+}
+
+
+def test_the_web_api_refuses_every_admin_command_to_every_caller(world, data_dir, embedded_redis):
+    assert "web" not in PLATFORMS  # when it is, it needs a driver in DRIVERS instead
+    threads = AdapterThreads()
+    ports = {}
+    for keys in ([WEB_KEY], []):
+        settings = settings_for(embedded_redis, data_dir, web_api_keys=keys)
+        adapter = WebAdapter(
+            settings, Bus(world.redis), ConversationMemory(world.redis), stores=world.stores
+        )
+        ports[bool(keys)] = threads.start(adapter, "web-adapter")
+    wrong: list[str] = []
+    try:
+        for command, caller in itertools.product(ADMIN_COMMANDS, WEB_CALLERS):
+            world.reset()
+            arguments, _ = ARRANGE.get(command, lambda w: ("", False))(world)
+            text = f"{command} {arguments}".strip()
+            before, audited = world.state(), len(world.stores.audit.entries(1000))
+            queued = world.redis.xlen(REQUESTS)
+            port = ports[caller != "no keys set"]
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                data=json.dumps({"messages": [{"role": "user", "content": text}]}).encode(),
+                headers={"Content-Type": "application/json", **WEB_HEADERS[caller]},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    status, body = response.status, json.load(response)
+            except urllib.error.HTTPError as exc:
+                status, body = exc.code, json.load(exc)
+            after, new = world.state(), world.stores.audit.entries(1000)[audited:]
+            cell = f"web {caller} {command}"
+
+            if after != before:
+                changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+                wrong.append(f"{cell}: changed state: {sorted(k.decode() for k in changed)}")
+            if world.redis.xlen(REQUESTS) != queued:
+                wrong.append(f"{cell}: reached the model")
+            expected = WEB_CALLERS[caller]
+            if isinstance(expected, int):  # refused at the door, before any command runs
+                if status != expected or body["error"]["code"] != "invalid_api_key":
+                    wrong.append(f"{cell}: {status} {body}, not {expected}")
+                if new:
+                    wrong.append(f"{cell}: audited a request that named no valid key: {new}")
+                continue
+            reply = body["choices"][0]["message"]["content"] if status == 200 else str(body)
+            if "is for admins only" not in reply:
+                wrong.append(f"{cell}: not refused in words: {reply[:150]!r}")
+            if len(new) != 1:
+                wrong.append(f"{cell}: {len(new)} audit entries, not 1")
+            elif (new[0].platform, new[0].user_id, new[0].command, new[0].result) != (
+                "web",
+                expected,
+                command,
+                "refused",
+            ):
+                wrong.append(f"{cell}: audited as {new[0]}")
+    finally:
+        threads.stop_all()
+    assert not wrong, "\n".join(wrong)
+    entries = world.stores.audit.entries(1000)
+    audited_callers = sum(isinstance(v, str) for v in WEB_CALLERS.values())
+    assert len(entries) == len(ADMIN_COMMANDS) * audited_callers  # none unrecorded
+    assert WEB_KEY not in json.dumps([vars(e) for e in entries])  # the key is never recorded

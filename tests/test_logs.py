@@ -19,7 +19,7 @@ import pytest
 from bot.config import load_settings
 from bot.connection import connect
 from bot.logs import MASK, configure_logging, request_context
-from inference.worker import WORKER_PREFIX
+from bot.metrics import WORKER_PREFIX
 
 SLACK_TOKEN = "xoxb-1111111111-2222222222-abcdefghijklmnopqrstuvwx"
 TELEGRAM_TOKEN = "123456789:AAEhBOweik6ad6PsVMRxjeQKeMxTESTTOKEN"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rq.job import Job
-from test_retrain import ADMIN, TRAIN_ENV, add_faq, context, job_id_of, trainers  # noqa: F401
+from test_retrain import ADMIN, add_faq, context, job_id_of, trainers  # noqa: F401 (a fixture)
 from test_worker import Workers, ask, collect
 
 from bot.bus import REQUESTS, Bus
@@ -28,8 +28,8 @@ from bot.commands import dispatch
 from bot.config import load_settings
 from bot.connection import connect
 from bot.faq import FaqStore, WordEmbedder
-from bot.metrics import serve_metrics
-from inference.worker import WORKER_PREFIX
+from bot.metrics import WORKER_PREFIX, serve_metrics
+from bot.schemas import ChatRequest
 
 FAQ_QUESTION = "Where do I find the VPN guide?"
 FAQ_ANSWER = "In the IT wiki under Remote work."
@@ -244,14 +244,23 @@ def test_a_workers_metrics_count_what_its_users_got(bus, tiny_model, workers, me
     assert "queue: 0 waiting, 0 in progress, 1 dead-lettered" in shown.stdout
 
 
-def test_queue_lag_is_the_age_of_the_oldest_unanswered_request(bus, metrics_here):
+def test_queue_lag_is_the_age_of_the_oldest_unanswered_request(bus, metrics_here, cli):
     here = metrics_here()
-    ask(bus, "Is anyone there?")
-    time.sleep(1.5)  # no worker runs: the request waits
+    assert Scrape(here.port).value("sprbot_queue_lag_seconds") == 0
+    # A request that has waited 90 s: a stream entry's id is the time it was added.
+    request = ChatRequest(
+        id="test-lag", channel="console-test", conversation="c", user_id="u", text="Hi"
+    )
+    added = int(time.time() * 1000) - 90_000
+    bus.redis.xadd(REQUESTS, {"data": request.model_dump_json()}, id=f"{added}-0")
     scrape = Scrape(here.port)
     assert scrape.value("sprbot_queue_requests", state="waiting") == 1
-    assert 1.4 < scrape.value("sprbot_queue_lag_seconds") < 60
+    assert 90 <= scrape.value("sprbot_queue_lag_seconds") < 120
     assert scrape.value("sprbot_workers") == 0
+    assert re.search(
+        r"queue: 1 waiting, 0 in progress, 0 dead-lettered, the oldest 9\d\.\ds old",
+        cli("status").stdout,
+    )
 
 
 def test_healthz_says_503_while_redis_is_gone(bus, embedded_redis, metrics_here):

@@ -416,6 +416,11 @@ class Deployment:
                 rids.append(json.loads(found[0][1][b"data"])["id"])
         return rids
 
+    def holding(self) -> set[str]:
+        """Consumers that hold unacknowledged requests now (one cheap call)."""
+        summary = self.client.xpending(REQUESTS, REQUEST_GROUP)
+        return {c["name"].decode() for c in summary["consumers"] if c["pending"]}
+
     def in_between(self) -> list[str]:
         """Requests on the bus (ingress said yes) whose answer no user has seen yet."""
         ledger = self.ledger()

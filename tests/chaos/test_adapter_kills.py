@@ -30,7 +30,7 @@ def test_adapter_kills_between_ingress_and_delivery_lose_and_duplicate_no_answer
     with Load(deployment, MESSAGES, kill_after, pace, gaps=(0.1, 0.4), text=text) as load:
         for after in kill_after:
             load.wait_for(after)
-            wait_until(deployment.in_between, 60, "a message between ingress and delivery", 0.01)
+            wait_until(deployment.in_between, 60, "a message between ingress and delivery", 0.05)
             time.sleep(rng.uniform(0.0, 0.3))
             at = adapter.kill()
             kills.append((at, deployment.in_between()))

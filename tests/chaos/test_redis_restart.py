@@ -20,6 +20,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 
 import pytest
 import redis
@@ -27,7 +28,7 @@ from harness import Load, wait_until
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from bot.bus import REQUESTS, Bus, seen_key
+from bot.bus import REQUESTS, Bus, Display, ReplyTracker, seen_key
 from bot.config import load_settings
 from bot.connection import EmbeddedRedis, connect
 from bot.schemas import ChatRequest, request_id
@@ -44,7 +45,7 @@ def test_redis_killed_then_shut_down_mid_load_loses_and_duplicates_no_answer(
     worker = deployment.start_worker()
     # Down longer than redis-py's own retries after the crash, shorter after the shutdown.
     faults = [
-        ("SIGKILL", deployment.kill_redis, (3.0, 5.0)),
+        ("SIGKILL", deployment.kill_redis, (5.5, 7.0)),
         ("SHUTDOWN", _shutdown(deployment.redis), (0.3, 1.5)),
     ]
     fault_after = sorted(rng.sample(range(10, MESSAGES - 10), len(faults)))
@@ -54,7 +55,7 @@ def test_redis_killed_then_shut_down_mid_load_loses_and_duplicates_no_answer(
     with Load(deployment, MESSAGES, fault_after, pace, gaps=(0.05, 0.3), text=text) as load:
         for (name, fault, down_s), after in zip(faults, fault_after, strict=True):
             load.wait_for(after)
-            wait_until(deployment.in_between, 60, "a message between ingress and delivery", 0.01)
+            wait_until(deployment.in_between, 60, "a message between ingress and delivery", 0.05)
             between = deployment.in_between()
             down = fault()
             time.sleep(rng.uniform(*down_s))
@@ -90,6 +91,37 @@ def test_redis_killed_then_shut_down_mid_load_loses_and_duplicates_no_answer(
     assert not ledger.duplicated, f"answered twice: {ledger.describe(ledger.duplicated)}"
     assert not ledger.errors, f"answered with an error: {ledger.describe(ledger.errors)}"
     assert len(recovery) == len(outages)
+
+
+@dataclass
+class _Shown:
+    """An adapter's record of an answer in hand (what ``ReplyTracker`` keeps per request)."""
+
+    pending: Display | None = None
+    entries: list[str] = field(default_factory=list)
+
+
+def test_an_answer_read_just_before_redis_goes_away_is_shown_once_it_is_back(embedded_redis):
+    """Found by the scenario above: an adapter that read a final, then failed to reach Redis
+    while taking it, later dropped that final unshown, as if it had been shown already."""
+    # One retry: a connection left from before the restart is replaced, no more.
+    client = redis.Redis(unix_socket_path=str(embedded_redis.socket), retry=Retry(NoBackoff(), 1))
+    bus = Bus(client)
+    reply_to = {"chat_id": 1, "message_id": 2}
+    bus.submit(ChatRequest(id="r1", channel="telegram", conversation="c", user_id="u",
+                           text="Is the canteen open?", reply_to=reply_to))  # fmt: skip
+    [delivery] = bus.read_requests("worker")
+    bus.finish(delivery, "Yes, until 3 pm.")
+    tracker = ReplyTracker(bus, "telegram", "test:delivered:", lambda rid, to: _Shown())
+    [reply] = bus.read_replies("telegram", "adapter")
+    embedded_redis.stop()
+    with pytest.raises(redis.ConnectionError):
+        tracker.take(reply)
+    embedded_redis.ensure_running()
+    [again] = bus.reclaim_replies("telegram", "adapter", min_idle_ms=0)
+    assert tracker.take(again) == []  # held until shown, not acknowledged unshown
+    shown = tracker.outgoing["r1"].pending
+    assert (shown.text, shown.done, shown.reply_to) == ("Yes, until 3 pm.", True, reply_to)
 
 
 def _shutdown(server: EmbeddedRedis):

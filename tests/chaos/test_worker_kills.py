@@ -28,14 +28,14 @@ def test_five_worker_kills_during_200_messages_lose_and_duplicate_no_answer(
 
     def holders() -> list:
         """Serving workers that hold requests right now."""
-        live = [w for w in workers if w.alive() and deployment.ready(w)]
-        return [w for w in live if deployment.pending_of(w.consumer)]
+        holding = deployment.holding()
+        return [w for w in workers if w.consumer in holding and w.alive()]
 
     with Load(deployment, MESSAGES, kill_after, random.Random(rng.random())) as load:
         for after in kill_after:
             load.wait_for(after)
             # A random moment while it holds work: mid-prefill, mid-decode or mid-write.
-            victim = rng.choice(wait_until(holders, 60, "a worker holding requests", every=0.005))
+            victim = rng.choice(wait_until(holders, 60, "a worker holding requests", every=0.01))
             time.sleep(rng.uniform(0.0, 0.1))
             at = victim.kill()
             kills.append((at, deployment.pending_of(victim.consumer)))
