@@ -451,9 +451,20 @@ def test_the_bus_follows_a_failover_to_the_replica(redis_processes, monkeypatch)
         "the sentinel to promote the replica",
     )
 
-    # The same client, untouched: its next commands reach the promoted replica.
-    after = chat("after")
-    assert bus.submit(after).accepted
+    # The same client, untouched: its next commands reach the promoted replica. While the
+    # sentinels finish the failover a command can still fail; a process retries (each try
+    # here is a new message, so a half-done try cannot turn the next into a duplicate).
+    tries = []
+
+    def submitted() -> bool:
+        tries.append(chat(f"after-{len(tries)}"))
+        try:
+            return bus.submit(tries[-1]).accepted
+        except redis.ConnectionError:  # MasterNotFoundError included
+            return False
+
+    _wait_for(submitted, "a submit through the promoted replica", timeout=30)
+    after = tries[-1]
     deliveries = bus.read_requests("worker-1", count=10)
     assert [d.request.id for d in deliveries] == [before.id, after.id]
     assert replica.info("replication")["role"] == "master"
