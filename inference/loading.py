@@ -30,7 +30,8 @@ class ChildLoadFailed(RuntimeError):
 
 
 def load_in_child(config: PipelineConfig, timeout_s: float = 3600) -> LoadedModel:
-    """``load_model(config)`` run in a child process at nice 19; the weights are shared.
+    """``load_model(config)`` run in a child process at background priority; the weights are
+    shared.
 
     Raises ``ModelLoadError`` when the model itself cannot be loaded, and ``ChildLoadFailed``
     when the child could not deliver it (the caller may then load in-process).
@@ -69,9 +70,15 @@ def load_in_child(config: PipelineConfig, timeout_s: float = 3600) -> LoadedMode
     raise ChildLoadFailed(payload)
 
 
-def lowest_priority() -> None:
-    """Run the calling thread, and the threads it starts, at nice 19 in the batch class: the
-    scheduler never preempts decoding to run it. (On Linux both are per thread.)
+# Nice 19 starved a load for minutes while decoding kept every core busy (a hot swap under
+# sustained load never came). At nice 10 CFS still gives it about a tenth of the CPU a decoding
+# thread gets (weight 110 against 1024), so a swap waits for seconds, not for a quiet moment.
+LOADER_NICE = 10
+
+
+def background_priority() -> None:
+    """Run the calling thread, and the threads it starts, at ``LOADER_NICE`` in the batch class:
+    the scheduler does not preempt decoding to run it. (On Linux both are per thread.)
 
     Not SCHED_IDLE: the worker's loader thread waits on this process for every tensor it
     receives, and an idle-class sender, starved by decoding, held the worker's GIL for most
@@ -79,13 +86,13 @@ def lowest_priority() -> None:
     """
     with contextlib.suppress(AttributeError, OSError):  # not Linux: nice alone
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    os.setpriority(os.PRIO_PROCESS, 0, 19)
+    os.setpriority(os.PRIO_PROCESS, 0, max(LOADER_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
 
 
 def _load_and_send(config: PipelineConfig, sender, done) -> None:
-    lowest_priority()
+    background_priority()
     # One core's worth at most: decoding is bound by memory bandwidth, which a loader on
-    # every core would take from it even at the lowest priority.
+    # every core would take from it even at low priority.
     torch.set_num_threads(1)
     try:
         loaded = load_model(config)
@@ -96,6 +103,8 @@ def _load_and_send(config: PipelineConfig, sender, done) -> None:
     else:
         try:
             sender.send(("loaded", loaded))  # moves every storage to shared memory
+        except BrokenPipeError:
+            return  # the worker stopped meanwhile: nobody is waiting for this model
         except Exception as exc:  # noqa: BLE001 - e.g. /dev/shm too small
             sender.send(("failed", f"cannot share the loaded model: {type(exc).__name__}: {exc}"))
     sender.close()

@@ -53,7 +53,7 @@ from inference.batching import Scheduler
 from inference.chatbot import Chatbot, IncrementalDecoder, build_chatbot
 from inference.config import GenerationConfig, LoadingModelConfig, PipelineConfig
 from inference.errors import EmptyQueryError, PromptTooLongError
-from inference.loading import ChildLoadFailed, load_in_child, lowest_priority
+from inference.loading import ChildLoadFailed, background_priority, load_in_child
 from inference.templates import DEFAULT_SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
@@ -571,7 +571,7 @@ class InferenceWorker:
 
     def _load_models(self, stop: threading.Event) -> None:
         """Load the wanted version off the main thread; ``poll`` swaps it in."""
-        lowest_priority()  # the version's optimisation and warm-up run here
+        background_priority()  # the version's optimisation and warm-up run here
         while not stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()

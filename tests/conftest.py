@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for name in list(os.environ):
     if name.startswith("SPRBOT_"):
         del os.environ[name]  # the developer's own settings must not leak into tests
+# Processes started by tests would contend for the default metrics port (9740); the tests
+# of metrics give each process a port of its own.
+os.environ["SPRBOT_METRICS_PORT"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -134,8 +134,15 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def freeze(self) -> None:
+        """SIGSTOP it: what it holds can no longer change."""
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.popen.send_signal(signal.SIGCONT)
+
     def kill(self) -> float:
-        """SIGKILL it; returns when (monotonic), once it is gone."""
+        """SIGKILL it (frozen or not); returns when (monotonic), once it is gone."""
         self.popen.send_signal(signal.SIGKILL)
         at = time.monotonic()
         self.popen.wait(timeout=30)

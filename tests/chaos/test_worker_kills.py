@@ -34,11 +34,19 @@ def test_five_worker_kills_during_200_messages_lose_and_duplicate_no_answer(
     with Load(deployment, MESSAGES, kill_after, random.Random(rng.random())) as load:
         for after in kill_after:
             load.wait_for(after)
-            # A random moment while it holds work: mid-prefill, mid-decode or mid-write.
-            victim = rng.choice(wait_until(holders, 60, "a worker holding requests", every=0.01))
-            time.sleep(rng.uniform(0.0, 0.1))
+            # A random moment while it holds work: mid-prefill, mid-decode or mid-write. Frozen
+            # first, so that it cannot answer its last request between the check and the kill.
+            while True:
+                holding = wait_until(holders, 60, "a worker holding requests", every=0.01)
+                victim = rng.choice(holding)
+                time.sleep(rng.uniform(0.0, 0.1))
+                victim.freeze()
+                held = deployment.pending_of(victim.consumer)
+                if held:
+                    break
+                victim.thaw()  # it finished in the meantime: pick a moment again
             at = victim.kill()
-            kills.append((at, deployment.pending_of(victim.consumer)))
+            kills.append((at, held))
             watcher.watch(kills[-1][1])
             workers.remove(victim)
             # The supervisor's restart. Until it serves, the other worker alone recovers what
