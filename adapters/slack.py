@@ -323,6 +323,7 @@ class ReplyPump:
         while any(o.entries for o in self.outgoing.values()) and time.monotonic() < deadline:
             self.flush()
             time.sleep(0.05)
+        self.bus.retire(self.consumer, CHANNEL)
 
     def poll(self, block_ms: int = 1000) -> None:
         """Read what has arrived (waiting up to ``block_ms``, less when an edit is due) and

@@ -423,6 +423,7 @@ class ReplyPump:
         while any(o.entries for o in self.outgoing.values()) and time.monotonic() < deadline:
             await self.flush()
             await asyncio.sleep(0.05)
+        self.bus.retire(self.consumer, CHANNEL)
 
     async def poll(self, block_ms: int = 1000) -> None:
         """Read what has arrived (waiting up to ``block_ms``, less when an edit or a typing

@@ -109,6 +109,14 @@ end
 return written
 """
 
+# Forget a consumer that holds nothing: what it holds must stay pending for others to reclaim.
+# KEYS: stream. ARGV: group, consumer.
+_RETIRE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class SubmitResult:
@@ -233,6 +241,7 @@ class Bus:
         self.dead_maxlen = dead_maxlen
         self._submit = client.register_script(_SUBMIT)
         self._settle = client.register_script(_SETTLE)
+        self._retire = client.register_script(_RETIRE)
         self._groups: set[tuple[str, str]] = set()
         self._ensure_group(REQUESTS, REQUEST_GROUP)
 
@@ -304,6 +313,18 @@ class Bus:
         is taken over (and generated twice) while it runs."""
         if entry_ids:
             self.redis.xclaim(REQUESTS, REQUEST_GROUP, consumer, 0, list(entry_ids), justid=True)
+
+    def retire(self, consumer: str, channel: str | None = None) -> bool:
+        """On a clean stop: drop ``consumer`` from the requests group (or from ``channel``'s
+        reply group) unless it still holds entries, which stay for another to reclaim.
+        Otherwise every process that ever ran stays listed in the group. True if dropped."""
+        stream, group = (
+            (REQUESTS, REQUEST_GROUP) if channel is None else (reply_stream(channel), REPLY_GROUP)
+        )
+        try:
+            return bool(self._retire(keys=[stream], args=[group, consumer]))
+        except redis.RedisError:  # no such group, or Redis gone at stop: a stale entry, harmless
+            return False
 
     def emit(self, *events: DeltaEvent | ProgressEvent) -> None:
         """Write streaming events (deltas, progress) to their channels' reply streams.

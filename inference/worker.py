@@ -214,6 +214,7 @@ class InferenceWorker:
                 len(self.sequences),
             )
         self.redis.delete(WORKER_PREFIX + self.id)
+        self.bus.retire(self.id)
         self._wake.set()
         for thread in threads:
             thread.join(timeout=2)  # a load in progress is abandoned with the daemon thread

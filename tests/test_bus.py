@@ -392,3 +392,27 @@ def test_schema_errors_name_the_field():
         ChatRequest(id="r1", channel="web", conversation="c", user_id="", text="hi")
     with pytest.raises(ValidationError, match="code"):
         ErrorEvent(request_id="r1", channel="web", attempt=1, seq=1, code="nope", text="x")
+
+
+def test_a_consumer_is_retired_on_a_clean_stop_only_if_it_holds_nothing(make_bus):
+    bus = make_bus()
+    user = User(bus)
+    for n in range(2):
+        bus.submit(chat(n, text=f"q{n}"))
+    [done] = bus.read_requests("worker-done", count=1)
+    bus.finish(done, "answered")
+    [held] = bus.read_requests("worker-holding", count=1)
+
+    def consumers(stream: str, group: str) -> set[str]:
+        return {c["name"].decode() for c in bus.redis.xinfo_consumers(stream, group)}
+
+    assert bus.retire("worker-done")
+    assert not bus.retire("worker-holding")  # its request stays pending for a reclaim
+    assert consumers(REQUESTS, "inference") == {"worker-holding"}
+    time.sleep(IDLE_MS * 2 / 1000)
+    assert [d.request.id for d in bus.reclaim("worker-2", IDLE_MS)] == [held.request.id]
+
+    user.poll()  # reads and acknowledges the reply of the first
+    assert bus.retire("adapter-1", "slack")
+    assert "adapter-1" not in consumers(reply_stream("slack"), "adapters")
+    assert not bus.retire("adapter-1", "no-such-channel")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.bus import Bus
+from bot.bus import REQUESTS, Bus
 from bot.commands import CommandContext, dispatch
 from bot.config import load_settings
 from bot.connection import connect
@@ -283,6 +283,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(bus, workers):
     events = collect(bus, ids, timeout=10)
     assert finals(events) == Counter({rid: 1 for rid in ids})
     assert not list(bus.redis.scan_iter(WORKER_PREFIX + "*"))  # it said goodbye
+    assert bus.redis.xinfo_consumers(REQUESTS, "inference") == []  # and left the group
 
 
 def test_status_shows_workers_and_queue(bus, workers, cli):
