@@ -36,8 +36,9 @@ Replies: each adapter process reads a reply stream of its own (channel ``web-<ra
 the HTTP connection awaiting an answer lives in that process, so no other replica could
 deliver it, and a restarted process has no connection left to deliver to. One thread reads
 the stream and hands each event to the request awaiting it; events for a client that went
-away are acknowledged and dropped. The worker still finishes such an answer: the bus has no
-cancellation. The stream is deleted on a clean stop, and expires an hour after a crash.
+away are acknowledged and dropped, and the worker is told to stop generating them
+(``Bus.cancel``; it checks twice a second). The stream is deleted on a clean stop, and
+expires an hour after a crash.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ MAX_BODY_BYTES = 1 << 20  # the longest request body: history included
 LIVE_PREFIX = "sprbot:web:live:"  # <host>-<pid>: a running adapter's address, for `sprbot up`
 LIVE_TTL_S = 30
 STREAM_TTL_S = 3600  # a crashed process's reply stream goes this long after its last refresh
+DISCONNECT_CHECK_S = 0.5  # how often a plain (non-streamed) completion looks for a hang-up
 THANKS_UP = "Thanks! I saved this answer as a FAQ candidate for the admins to review."
 THANKS_DOWN = "Thanks for telling me."
 NO_KEYS_NOTE = (
@@ -104,7 +106,7 @@ NO_KEYS_NOTE = (
 )
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_STATUS_OF_CODE = {"busy": 503, "too_long": 413, "failed": 500}
+_STATUS_OF_CODE = {"busy": 503, "too_long": 413, "failed": 500, "cancelled": 499}
 
 
 class WebSetupError(SprbotError):
@@ -557,12 +559,40 @@ class WebAdapter:
             raise
         if not parsed.stream:
             try:
-                while final is None:
-                    _, final = await answer.next()
+                final = await self._final_unless_gone(request, answer, final)
             finally:
                 self.pump.close(rid)
+            if final is None:
+                self._cancel(rid)
+                return Response(status_code=499)  # "client closed request": nobody reads it
             return JSONResponse(reply.completion(final.text, final))
         return _event_stream(self._streamed(rid, reply, answer, first, final))
+
+    @staticmethod
+    async def _final_unless_gone(
+        request: Request, answer: _Answer, final: FinalEvent | None
+    ) -> FinalEvent | None:
+        """Wait for the final event; None if the client disconnects first."""
+
+        async def rest() -> FinalEvent:
+            nonlocal final
+            while final is None:
+                _, final = await answer.next()
+            return final
+
+        waiting = asyncio.ensure_future(rest())
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_CHECK_S)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                waiting.cancel()
+                return None
+
+    def _cancel(self, rid: str) -> None:
+        """Tell the worker to stop an answer nobody will read (best effort)."""
+        with contextlib.suppress(redis.RedisError):
+            self.bus.cancel(rid)
 
     async def _command(
         self, reply: _Reply, parsed: CompletionRequest, user: str, text: str
@@ -590,6 +620,7 @@ class WebAdapter:
     async def _streamed(
         self, rid: str, reply: _Reply, answer: _Answer, first: str, final: FinalEvent | None
     ) -> AsyncIterator[str]:
+        ended = False
         try:
             pieces = [first]
             while final is None:
@@ -598,14 +629,18 @@ class WebAdapter:
                 try:
                     piece, final = await answer.next()
                 except ApiError as exc:  # after the status line: say it in the stream
+                    ended = True
                     yield _sse(exc.body())
                     yield _sse("[DONE]")
                     return
                 pieces = [piece]
+            ended = True
             for chunk in reply.stream(pieces, done=True, final=final):
                 yield chunk
         finally:
             self.pump.close(rid)
+            if not ended:  # the client hung up mid-answer
+                self._cancel(rid)
 
     async def _feedback(self, request: Request) -> Response:
         user = self._user(request)

@@ -79,6 +79,10 @@ def final_key(request_id: str) -> str:
     return f"sprbot:final:{request_id}"
 
 
+def cancel_key(request_id: str) -> str:
+    return f"sprbot:cancel:{request_id}"
+
+
 # Ingress in one round trip, atomically: dedupe, then backpressure, then enqueue.
 # KEYS: seen, requests.  ARGV: seen ttl, max backlog, request JSON, refuse ("1": too long).
 _SUBMIT = """
@@ -313,6 +317,18 @@ class Bus:
         is taken over (and generated twice) while it runs."""
         if entry_ids:
             self.redis.xclaim(REQUESTS, REQUEST_GROUP, consumer, 0, list(entry_ids), justid=True)
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the worker to stop generating ``request_id``: its asker went away. It ends with
+        a ``cancelled`` error within a moment; one not started yet ends as soon as it starts."""
+        self.redis.set(cancel_key(request_id), 1, ex=self.dedupe_ttl_s)
+
+    def cancelled(self, request_ids: Sequence[str]) -> list[str]:
+        """Those of ``request_ids`` whose asker went away (one round trip)."""
+        if not request_ids:
+            return []
+        flags = self.redis.mget([cancel_key(rid) for rid in request_ids])
+        return [rid for rid, flag in zip(request_ids, flags, strict=True) if flag]
 
     def retire(self, consumer: str, channel: str | None = None) -> bool:
         """On a clean stop: drop ``consumer`` from the requests group (or from ``channel``'s

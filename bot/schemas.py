@@ -25,9 +25,10 @@ from bot.errors import SprbotError
 ChannelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 
-ErrorCode = Literal["busy", "too_long", "failed"]
+ErrorCode = Literal["busy", "too_long", "failed", "cancelled"]
 """Machine-readable reason of an ``ErrorEvent``: ``busy`` (backlog full, try again shortly),
-``too_long`` (the text is over the limit), ``failed`` (the request could not be answered)."""
+``too_long`` (the text is over the limit), ``failed`` (the request could not be answered),
+``cancelled`` (the asker went away, e.g. a web client closed its connection)."""
 
 
 class TextTooLong(SprbotError, ValueError):

@@ -58,6 +58,10 @@ from inference.templates import DEFAULT_SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
 
+# How often the worker looks for answers whose asker went away: one Redis round trip.
+CANCEL_CHECK_S = 0.5
+CANCELLED_MESSAGE = "Stopped: the asker went away."
+
 FAQ_PREFIX = "From the team FAQ: "
 
 
@@ -136,6 +140,7 @@ class InferenceWorker:
         self.swapped_at = 0.0  # wall time of the last hot swap (0: none yet)
         self._last_heartbeat = 0.0
         self._last_reclaim = 0.0
+        self._last_cancel_check = 0.0
         # Finals that Redis did not take (it was restarting): written again once it is back.
         self._unsettled: list[tuple[list[tuple[Delivery, FinalEvent]], list, str]] = []
         # Hot reload, shared with the event and loader threads under _lock.
@@ -231,6 +236,9 @@ class InferenceWorker:
             self._finish(*self._unsettled[0])
             self._unsettled.pop(0)
         now = time.monotonic()
+        if self.sequences and now - self._last_cancel_check > CANCEL_CHECK_S:
+            self._last_cancel_check = now
+            self._drop_cancelled()
         room = min(self.options.max_batch - len(self.sequences), self.scheduler.room)
         if room > 0:
             deliveries: list[Delivery] = []
@@ -401,6 +409,14 @@ class InferenceWorker:
             else:
                 changes["do_sample"] = False
         return replace(config, **changes) if changes else config
+
+    def _drop_cancelled(self) -> None:
+        """Stop generating answers nobody waits for any more (a web client went away)."""
+        for request_id in self.bus.cancelled(list(self.sequences)):
+            seq = self.sequences.pop(request_id)
+            seq.engine.scheduler.cancel(request_id)
+            self.bus.fail(seq.delivery, "cancelled", CANCELLED_MESSAGE)
+            log.info("worker %s: %s cancelled by its asker", self.id, request_id)
 
     def step(self) -> None:
         """One decode step of every engine that has sequences (two during a swap)."""

@@ -226,6 +226,9 @@ def test_memory_carries_the_first_turn_into_the_second_and_reset_clears_it(
     first, _ = ask(bus, "My name is Ada. Remember it.", conversation=conversation)
     answer = [e for e in collect(bus, {first.id})[first.id] if e.kind == "final"][0].text
     memory = ConversationMemory(bus.redis)
+    deadline = time.monotonic() + 5  # the worker records the exchange just after the final
+    while not memory.turns(conversation) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert memory.turns(conversation) == [
         {"role": "user", "content": "My name is Ada. Remember it."},
         {"role": "assistant", "content": answer},
@@ -284,6 +287,25 @@ def test_sigterm_finishes_in_flight_requests_then_exits(bus, workers):
     assert finals(events) == Counter({rid: 1 for rid in ids})
     assert not list(bus.redis.scan_iter(WORKER_PREFIX + "*"))  # it said goodbye
     assert bus.redis.xinfo_consumers(REQUESTS, "inference") == []  # and left the group
+
+
+def test_a_cancelled_request_stops_generating_and_ends_with_one_error(bus, workers):
+    workers.start(max_new_tokens="400")
+    request, _ = ask(bus, "tell me everything")
+    deadline = time.monotonic() + 60
+    seen = []
+    while not any(e.kind == "delta" for e in seen):  # it is generating
+        assert time.monotonic() < deadline, "no answer started"
+        for reply in bus.read_replies(CHANNEL, "test", block_ms=200):
+            seen.append(reply.event)
+            bus.ack_replies(CHANNEL, reply.entry_id)
+    bus.cancel(request.id)
+    events = seen + collect(bus, {request.id}, timeout=30, settle=1.0)[request.id]
+    assert [e.kind for e in events if e.kind != "delta"] == ["error"]
+    assert events[-1].code == "cancelled"  # and no text after it: the generation stopped
+    assert bus.stats().pending == 0  # settled: no other worker will take it up again
+    other, _ = ask(bus, "and now?")  # the worker goes on serving
+    assert finals(collect(bus, {other.id}, timeout=60)) == Counter({other.id: 1})
 
 
 def test_status_shows_workers_and_queue(bus, workers, cli):
