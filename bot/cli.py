@@ -58,7 +58,7 @@ def _ensure_demo(settings: Settings) -> Path:
 
     outdir = _demo_dir(settings)
     if not (outdir / "sprbot.json").exists():
-        typer.echo(f"Building the offline demo model in {outdir} (a few minutes, once)...")
+        typer.echo(f"Building the offline demo model in {outdir} (about a minute, once)...")
         label = "training on the sample FAQ (stops once it knows every answer)"
         with typer.progressbar(length=DEMO_MAX_STEPS, label=label) as bar:
 

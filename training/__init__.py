@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Resolved on first use: importing transformers' Trainer takes seconds, and `training.demo`
-# (the quickstart's demo model) needs none of it.
+# Resolved on first use: importing transformers' Trainer takes seconds, and `sprbot up --demo`
+# imports `training.demo` on every start, when the demo model is built already too.
 _EXPORTS = {
     "BaseFinetuningConfig": "training.config",
     "CodeGenerationFinetuningConfig": "training.config",
