@@ -194,12 +194,18 @@ def test_hot_swap_under_load_answers_every_request_once(bus, registry, workers, 
 
     first = {ask(bus, f"question {i}", i)[0].id for i in range(50)}
     seen: dict[str, list] = {}
+
+    def read(block_ms: int) -> None:
+        """Take the reply events in, as an adapter does all along: a stream nobody reads is
+        trimmed to its cap (``reply_maxlen``), and the oldest events are gone."""
+        for reply in bus.read_replies(CHANNEL, "test", count=1000, block_ms=block_ms):
+            seen.setdefault(reply.event.request_id, []).append(reply.event)
+            bus.ack_replies(CHANNEL, reply.entry_id)
+
     deadline = time.monotonic() + 120
     while sum(bool(evs) for evs in seen.values()) < 40:  # most of them are decoding
         assert time.monotonic() < deadline, "the requests never started"
-        for reply in bus.read_replies(CHANNEL, "test", block_ms=100):
-            seen.setdefault(reply.event.request_id, []).append(reply.event)
-            bus.ack_replies(CHANNEL, reply.entry_id)
+        read(100)
 
     assert "Switching from base to v1" in dispatch(f"/model use {v1}", admin(bus))
     more: set[str] = set()
@@ -211,9 +217,9 @@ def test_hot_swap_under_load_answers_every_request_once(bus, registry, workers, 
         for _ in range(20 - len(in_flight)):
             more.add(ask(bus, f"more {len(more)}", 100 + len(more))[0].id)
         assert time.monotonic() < swap_deadline, "the worker never swapped"
-        time.sleep(0.05)
+        read(50)
     assert len(in_flight) >= 10, "the swap did not happen under load"
-    # Short answers may have ended while the loop above read the first events.
+    # Many answers have ended while the loops above read their events.
     ended = {rid for rid, evs in seen.items() if any(e.kind in ("final", "error") for e in evs)}
     events = collect(bus, (first | more) - ended, timeout=300, settle=2.0)
     for rid, evs in seen.items():
