@@ -19,7 +19,7 @@ from bot.config import load_settings
 from bot.connection import connect
 from bot.memory import ConversationMemory
 from bot.schemas import ChatRequest, FinalEvent, request_id
-from inference.worker import WORKER_PREFIX
+from inference.worker import CANCEL_CHECK_S, WORKER_PREFIX
 
 CHANNEL = "console-test"
 
@@ -290,7 +290,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(bus, workers):
 
 
 def test_a_cancelled_request_stops_generating_and_ends_with_one_error(bus, workers):
-    workers.start(max_new_tokens="400")
+    worker = workers.start(max_new_tokens="400")
     request, _ = ask(bus, "tell me everything")
     deadline = time.monotonic() + 60
     seen = []
@@ -299,7 +299,15 @@ def test_a_cancelled_request_stops_generating_and_ends_with_one_error(bus, worke
         for reply in bus.read_replies(CHANNEL, "test", block_ms=200):
             seen.append(reply.event)
             bus.ack_replies(CHANNEL, reply.entry_id)
-    bus.cancel(request.id)
+    # The tiny model can finish a whole answer before the worker's next cancel check, so the
+    # worker is paused while the client goes away: on resume it is at most one step further.
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        assert "final" not in [e.kind for e in seen], "the answer ended before the cancel"
+        bus.cancel(request.id)
+        time.sleep(CANCEL_CHECK_S * 2)  # the cancel check is due at once on resume
+    finally:
+        worker.send_signal(signal.SIGCONT)
     events = seen + collect(bus, {request.id}, timeout=30, settle=1.0)[request.id]
     assert [e.kind for e in events if e.kind != "delta"] == ["error"]
     assert events[-1].code == "cancelled"  # and no text after it: the generation stopped
