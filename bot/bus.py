@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import redis
 from pydantic import ValidationError
 
+from bot.memory import MemoryWrite
 from bot.metrics import count_request
 from bot.schemas import (
     ChatRequest,
@@ -93,14 +94,21 @@ return {'queued', redis.call('XADD', KEYS[2], '*', 'data', ARGV[3])}
 """
 
 # The end of a request: terminal reply at most once, optional dead letter, then ack + delete.
-# KEYS: final, reply stream, source stream, dead stream.
+# With a written reply goes the exchange into conversation memory, if one is given.
+# KEYS: final, reply stream, source stream, dead stream[, conversation memory].
 # ARGV: final ttl, reply JSON ('' none), reply maxlen, group, entry id ('' none),
-#       dead maxlen, dead reason ('' none), raw entry, deliveries.
+#       dead maxlen, dead reason ('' none), raw entry, deliveries
+#       [, memory turns kept, memory ttl, user turn, assistant turn].
 _SETTLE = """
 local written = 0
 if ARGV[2] ~= '' and redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
   written = 1
+  if KEYS[5] then
+    redis.call('RPUSH', KEYS[5], ARGV[12], ARGV[13])
+    redis.call('LTRIM', KEYS[5], -tonumber(ARGV[10]), -1)
+    redis.call('EXPIRE', KEYS[5], ARGV[11])
+  end
 end
 if ARGV[7] ~= '' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'reason', ARGV[7],
@@ -380,17 +388,19 @@ class Bus:
         items: Iterable[tuple[Delivery, str | FinalEvent]],
         *,
         events: Iterable[DeltaEvent | ProgressEvent] = (),
+        remember: Mapping[str, MemoryWrite] | None = None,
     ) -> list[bool]:
         """``finish`` for several deliveries in one round trip (a batch ending together).
 
         ``events`` (the last coalesced deltas, say) are emitted first in that same round trip,
         so an adapter usually reads them together with the final, in one wake-up. An item is
         the answer's text, or its final event already built with ``delivery.final`` (to carry
-        the token usage), after its last delta.
+        the token usage), after its last delta. ``remember`` maps request ids to the exchange
+        that goes into conversation memory with the final, atomically and only once.
         """
         events = list(events)  # numbered before the finals, even when given lazily
         finals = [(d, a if isinstance(a, FinalEvent) else d.final(a)) for d, a in items]
-        return self._settle_many(finals, events)
+        return self._settle_many(finals, events, remember or {})
 
     def fail(self, delivery: Delivery, code: ErrorCode, message: str) -> bool:
         """End a request with an error reply (``message`` is shown to the user), once."""
@@ -653,13 +663,19 @@ class Bus:
         self,
         items: list[tuple[Delivery, FinalEvent | ErrorEvent]],
         events: Iterable[DeltaEvent | ProgressEvent] = (),
+        remember: Mapping[str, MemoryWrite] | None = None,
     ) -> list[bool]:
         pipe = self.redis.pipeline(transaction=False)
         self._add_events(pipe, events)
         emitted = len(pipe)
         for delivery, event in items:
             self._settle_call(
-                pipe, event, source=REQUESTS, group=REQUEST_GROUP, entry_id=delivery.entry_id
+                pipe,
+                event,
+                source=REQUESTS,
+                group=REQUEST_GROUP,
+                entry_id=delivery.entry_id,
+                remember=(remember or {}).get(delivery.request.id),
             )
         written = [bool(new) for new in pipe.execute()[emitted:]]
         for (delivery, event), new in zip(items, written, strict=True):
@@ -676,23 +692,25 @@ class Bus:
         group: str,
         entry_id: str,
         dead: tuple[str, Any, int] | None = None,
+        remember: MemoryWrite | None = None,
     ) -> Any:
         reason, raw, deliveries = dead or ("", "", 0)
-        return self._settle(
-            keys=[final_key(event.request_id), reply_stream(event.channel), source, DEAD],
-            args=[
-                self.final_ttl_s,
-                event.model_dump_json(),
-                self.reply_maxlen,
-                group,
-                entry_id,
-                self.dead_maxlen,
-                reason,
-                raw if raw is not None else "",
-                deliveries,
-            ],
-            client=client,
-        )
+        keys = [final_key(event.request_id), reply_stream(event.channel), source, DEAD]
+        args = [
+            self.final_ttl_s,
+            event.model_dump_json(),
+            self.reply_maxlen,
+            group,
+            entry_id,
+            self.dead_maxlen,
+            reason,
+            raw if raw is not None else "",
+            deliveries,
+        ]
+        if remember is not None:
+            keys.append(remember.key)
+            args += [remember.max_turns, remember.ttl_s, *remember.turns]
+        return self._settle(keys=keys, args=args, client=client)
 
 
 @dataclass(frozen=True)

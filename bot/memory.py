@@ -8,6 +8,7 @@ token budget when it builds a prompt, since only it has the tokenizer.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import redis
 
@@ -16,6 +17,17 @@ PREFIX = "sprbot:conv:"
 
 def conversation_key(conversation: str) -> str:
     return PREFIX + conversation
+
+
+@dataclass(frozen=True)
+class MemoryWrite:
+    """One exchange to record: the worker hands it to the bus, which writes it together with
+    the final reply, so a user who answers at once is already remembered."""
+
+    key: str
+    turns: tuple[str, str]  # the user's and the assistant's turn, as JSON
+    max_turns: int
+    ttl_s: int
 
 
 class ConversationMemory:
@@ -29,17 +41,25 @@ class ConversationMemory:
         raw = self.redis.lrange(conversation_key(conversation), 0, -1)
         return [json.loads(item) for item in raw]
 
+    def exchange(self, conversation: str, user_text: str, assistant_text: str) -> MemoryWrite:
+        """The write that records one exchange (``append`` does it now)."""
+        return MemoryWrite(
+            conversation_key(conversation),
+            (
+                json.dumps({"role": "user", "content": user_text}),
+                json.dumps({"role": "assistant", "content": assistant_text}),
+            ),
+            self.max_turns,
+            self.ttl_s,
+        )
+
     def append(self, conversation: str, user_text: str, assistant_text: str) -> None:
         """Record one exchange; refresh the TTL; keep the newest ``max_turns`` turns."""
-        key = conversation_key(conversation)
+        write = self.exchange(conversation, user_text, assistant_text)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.rpush(
-            key,
-            json.dumps({"role": "user", "content": user_text}),
-            json.dumps({"role": "assistant", "content": assistant_text}),
-        )
-        pipe.ltrim(key, -self.max_turns, -1)
-        pipe.expire(key, self.ttl_s)
+        pipe.rpush(write.key, *write.turns)
+        pipe.ltrim(write.key, -write.max_turns, -1)
+        pipe.expire(write.key, write.ttl_s)
         pipe.execute()
 
     def clear(self, conversation: str) -> bool:

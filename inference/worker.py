@@ -480,8 +480,15 @@ class InferenceWorker:
         self, finals: list[tuple[Delivery, FinalEvent]], deltas: list, source: str = "model"
     ) -> None:
         """Write the finals; ``source`` (``model`` or ``faq``) labels their latencies."""
+        remember = {  # a client that sends the history keeps it itself
+            delivery.request.id: self.memory.exchange(
+                delivery.request.conversation, delivery.request.text, final.text
+            )
+            for delivery, final in finals
+            if delivery.request.history is None
+        }
         try:
-            written = self.bus.finish_many(finals, events=deltas)
+            written = self.bus.finish_many(finals, events=deltas, remember=remember)
         except (redis.ConnectionError, redis.TimeoutError):
             # Finishing is idempotent (one final per request id), so ``poll`` simply tries
             # again; otherwise these would wait for the reclaim bound (minutes).
@@ -489,7 +496,7 @@ class InferenceWorker:
                 self._unsettled.append((finals, deltas, source))
             raise
         fresh = [(d, event.text) for (d, event), new in zip(finals, written, strict=True) if new]
-        for delivery, text in fresh:
+        for delivery, _ in fresh:
             request = delivery.request
             if source == "faq":  # the whole answer is its first text
                 self.meter.first_text(request, source)
@@ -501,8 +508,6 @@ class InferenceWorker:
                 took,
                 extra={"request_id": request.id, "answer_s": round(took, 3)},
             )
-            if request.history is None:  # a client that sends the history keeps it itself
-                self.memory.append(request.conversation, request.text, text)
             self.served += 1
         if self.faq is not None and fresh:
             self.faq.remember(

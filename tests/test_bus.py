@@ -20,6 +20,7 @@ from bot.bus import (
 )
 from bot.config import load_settings
 from bot.connection import connect
+from bot.memory import ConversationMemory
 from bot.schemas import (
     ChatRequest,
     DeltaEvent,
@@ -256,6 +257,29 @@ def test_two_workers_finishing_the_same_request_write_one_final(make_bus):
     assert [f.text for f in user.finals()] == ["from fast"] and user.errors() == []
     assert user.shown[fast.request.id].text == "from fast"
     assert bus.stats().pending == 0
+
+
+def test_the_exchange_is_remembered_with_the_final_and_only_once(make_bus):
+    bus = make_bus()
+    memory = ConversationMemory(bus.redis)
+    request = chat(text="what is the VPN host?")
+    bus.submit(request)
+    [slow] = bus.read_requests("worker-slow")
+    time.sleep(IDLE_MS * 2 / 1000)
+    [fast] = bus.reclaim("worker-fast", IDLE_MS)
+
+    def finish(delivery, text):
+        write = memory.exchange(request.conversation, request.text, text)
+        return bus.finish_many([(delivery, text)], remember={request.id: write})[0]
+
+    assert finish(fast, "vpn.example.com") is True
+    # In the same round trip as the final: nothing for a quick follow-up to race.
+    assert [t["content"] for t in memory.turns(request.conversation)] == [
+        "what is the VPN host?",
+        "vpn.example.com",
+    ]
+    assert finish(slow, "a late second answer") is False
+    assert len(memory.turns(request.conversation)) == 2  # the loser wrote nothing
 
 
 def test_backpressure_refuses_at_once_with_a_busy_reply(make_bus):
