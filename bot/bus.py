@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -218,6 +220,9 @@ class Bus:
       Telegram keeps an unconfirmed update for up to 24 hours, hence a day.
     - ``final_ttl_s``: how long "answered" is remembered; must outlast the last reclaim.
     - ``reply_maxlen`` / ``dead_maxlen``: approximate caps on those streams' lengths.
+    - ``stale_consumer_ms``: a group member idle this long and holding nothing is dropped
+      when ``reclaim`` runs (a process killed before it could ``retire``). A live one that
+      quiet is simply added again by its next read.
     """
 
     def __init__(
@@ -231,6 +236,7 @@ class Bus:
         final_ttl_s: int = 86_400,
         reply_maxlen: int = 10_000,
         dead_maxlen: int = 10_000,
+        stale_consumer_ms: int = 3_600_000,
     ) -> None:
         for name, value in [
             ("max_deliveries", max_deliveries),
@@ -240,6 +246,7 @@ class Bus:
             ("final_ttl_s", final_ttl_s),
             ("reply_maxlen", reply_maxlen),
             ("dead_maxlen", dead_maxlen),
+            ("stale_consumer_ms", stale_consumer_ms),
         ]:
             if value < 1:
                 raise ValueError(f"Bus: {name} must be at least 1, got {value}")
@@ -251,6 +258,8 @@ class Bus:
         self.final_ttl_s = final_ttl_s
         self.reply_maxlen = reply_maxlen
         self.dead_maxlen = dead_maxlen
+        self.stale_consumer_ms = stale_consumer_ms
+        self._swept: dict[str, float] = {}  # stream -> when its group was last swept
         self._submit = client.register_script(_SUBMIT)
         self._settle = client.register_script(_SETTLE)
         self._retire = client.register_script(_RETIRE)
@@ -498,6 +507,18 @@ class Bus:
             return [entry for entries in result.values() for entry in entries[0]]
         return [entry for _, entries in result for entry in entries]
 
+    def _sweep(self, stream: str, group: str) -> None:
+        """Drop the group members that have held nothing for ``stale_consumer_ms``, at most
+        once per tenth of that bound. ``_RETIRE`` checks atomically that each still holds
+        nothing, so a member that reads meanwhile keeps its entries."""
+        now = time.monotonic()
+        if now - self._swept.get(stream, -math.inf) < self.stale_consumer_ms / 10_000:
+            return
+        self._swept[stream] = now
+        for member in self.redis.xinfo_consumers(stream, group):
+            if member["pending"] == 0 and member["idle"] >= self.stale_consumer_ms:
+                self._retire(keys=[stream], args=[group, _text(member["name"])])
+
     def _claim(
         self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
     ) -> list[tuple[Any, dict | None, int]]:
@@ -525,6 +546,7 @@ class Bus:
                 break
         if ghosts:
             self._ack_ghosts(stream, group, consumer)
+        self._sweep(stream, group)
         if not claimed:
             return []
         pipe = self.redis.pipeline(transaction=False)

@@ -440,3 +440,25 @@ def test_a_consumer_is_retired_on_a_clean_stop_only_if_it_holds_nothing(make_bus
     assert bus.retire("adapter-1", "slack")
     assert "adapter-1" not in consumers(reply_stream("slack"), "adapters")
     assert not bus.retire("adapter-1", "no-such-channel")
+
+
+def test_killed_consumers_are_swept_once_they_hold_nothing(make_bus):
+    bus = make_bus(stale_consumer_ms=IDLE_MS)
+    for n in range(2):
+        bus.submit(chat(n, text=f"q{n}"))
+    [killed] = bus.read_requests("worker-killed", count=1)  # SIGKILLed: never retires
+    [_] = bus.read_requests("worker-busy", count=1)  # alive but slow: holds its request
+
+    def consumers() -> set[str]:
+        return {c["name"].decode() for c in bus.redis.xinfo_consumers(REQUESTS, "inference")}
+
+    time.sleep(IDLE_MS * 2 / 1000)
+    assert bus.reclaim("worker-2", 60_000) == []  # sweeps: each of the two still holds one
+    assert consumers() == {"worker-killed", "worker-busy"}
+
+    reclaimed = bus.reclaim("worker-2", IDLE_MS, count=1)
+    assert [d.request.id for d in reclaimed] == [killed.request.id]
+    time.sleep(IDLE_MS * 2 / 1000)
+    bus.reclaim("worker-2", 60_000)  # the next sweep: the killed worker holds nothing now
+    assert consumers() == {"worker-busy", "worker-2"}  # the busy one keeps its request
+    assert bus.stats().pending == 2
