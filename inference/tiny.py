@@ -139,10 +139,6 @@ def _corpus_text(extra: list[str]) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _, obj in inspect.getmembers(module):
-                # Submodules are members only once something imported them, which would make
-                # the tokenizer depend on what the calling process had imported.
-                if inspect.ismodule(obj):
-                    continue
                 doc = inspect.getdoc(obj)
                 if doc:
                     chunks.append(doc)

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
+from processes import sprbot_exe
 
 from bot.connection import EmbeddedRedis
 from inference.worker import WORKER_PREFIX
 from training.demo import load_pairs
-
-
-def _sprbot() -> str:
-    exe = shutil.which("sprbot", path=str(Path(sys.executable).parent))
-    assert exe
-    return exe
 
 
 @pytest.mark.slow
@@ -56,7 +49,7 @@ def test_up_demo_answers_the_sample_faq_in_the_terminal_chat(data_dir, cli):
 def test_up_stops_its_worker_and_redis_on_sigterm(data_dir, tiny_model):
     env = {**os.environ, "SPRBOT_MODEL": str(tiny_model), "SPRBOT_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(
-        [_sprbot(), "up", "--no-chat"], env=env, stderr=subprocess.PIPE, text=True
+        [sprbot_exe(), "up", "--no-chat"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         # Connect only once `up` has started the server: a client of ours would start it

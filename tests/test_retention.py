@@ -10,17 +10,16 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from processes import sprbot_exe
 
 from adapters.web import LIVE_PREFIX
 from bot.audit import AUDIT, AuditLog
@@ -34,12 +33,6 @@ from bot.metrics import WORKER_PREFIX
 RETENTION_S = 600
 # Keys of one request: ingress dedupe, the answered mark, the pair a 👍 can name.
 PER_REQUEST = (seen_key(""), final_key(""), ANSWERED)
-
-
-def _sprbot() -> str:
-    exe = shutil.which("sprbot", path=str(Path(sys.executable).parent))
-    assert exe, "the sprbot console script is not installed in this environment"
-    return exe
 
 
 def _wait(what: str, found, procs: list[subprocess.Popen], timeout_s: float = 180):
@@ -72,8 +65,8 @@ def stack(tiny_model: Path, data_dir: Path) -> Iterator[tuple[str, object]]:
         "SPRBOT_RECLAIM_IDLE_MS": "60000",
     }
     procs = [
-        subprocess.Popen([_sprbot(), "worker", "inference"], env=env),
-        subprocess.Popen([_sprbot(), "adapter", "web"], env=env),
+        subprocess.Popen([sprbot_exe(), "worker", "inference"], env=env),
+        subprocess.Popen([sprbot_exe(), "adapter", "web"], env=env),
     ]
     client = connect(load_settings(redis_url=url))
     try:

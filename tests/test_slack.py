@@ -14,11 +14,9 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +26,7 @@ from pathlib import Path
 import pytest
 import rq
 import yaml
+from processes import sprbot_exe, start_inference_worker, stop
 from slack_sdk import WebClient
 from standins import AdapterThreads
 from standins.slack_api import SlackAPI, SlackSender, SocketModeServer, event_callback
@@ -50,7 +49,6 @@ from bot.config import Settings
 from bot.connection import EmbeddedRedis, connect
 from bot.memory import ConversationMemory
 from bot.schemas import ChatRequest, FinalEvent, ProgressEvent, request_id
-from inference.worker import WORKER_PREFIX
 from training.jobs import TrainingQueue
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,12 +197,6 @@ class Served:
     redis_url: str
 
 
-def _sprbot() -> str:
-    exe = shutil.which("sprbot", path=str(Path(sys.executable).parent))
-    assert exe, "the sprbot console script is not installed in this environment"
-    return exe
-
-
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     """Redis and one real inference worker on the tiny model, for the module's live tests."""
@@ -221,22 +213,11 @@ def served(tiny_model, tmp_path_factory):
         "SPRBOT_LOG_LEVEL": "WARNING",
         "SPRBOT_FAQ_EMBEDDINGS": "off",
     }
-    worker = subprocess.Popen([_sprbot(), "worker", "inference"], env=env)
+    worker = start_inference_worker(env, url)
     try:
-        client = connect(Settings(_env_file=None, redis_url=url))
-        deadline = time.monotonic() + 180
-        while not any(str(worker.pid) in k.decode() for k in client.scan_iter(WORKER_PREFIX + "*")):
-            assert worker.poll() is None, "the inference worker exited during start-up"
-            assert time.monotonic() < deadline, "the inference worker did not come up"
-            time.sleep(0.1)
         yield Served(data_dir, url)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(timeout=10)
+        stop(worker)
         server.stop()
 
 
@@ -749,7 +730,7 @@ def test_sprbot_up_starts_the_slack_adapter_and_a_dm_is_answered(tiny_model, dat
         "SPRBOT_SLACK_PORT": str(port),
     }
     up = subprocess.Popen(
-        [_sprbot(), "up", "--no-chat"],
+        [sprbot_exe(), "up", "--no-chat"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -15,11 +15,9 @@ import itertools
 import logging
 import os
 import random
-import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 import uuid
 import zlib
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import rq
+from processes import sprbot_exe, start_inference_worker, stop
 from standins import AdapterThreads
 from standins.telegram_api import BotAPI, Message, parse_html, post_update
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup
@@ -50,7 +49,6 @@ from bot.config import Settings
 from bot.connection import EmbeddedRedis, connect
 from bot.memory import ConversationMemory
 from bot.schemas import ChatRequest, FinalEvent, ProgressEvent, request_id
-from inference.worker import WORKER_PREFIX
 from training.jobs import TrainingQueue
 
 ADMIN_ID = 900_001
@@ -169,12 +167,6 @@ def api():
         yield stand_in
 
 
-def _sprbot() -> str:
-    exe = shutil.which("sprbot", path=str(Path(sys.executable).parent))
-    assert exe, "the sprbot console script is not installed in this environment"
-    return exe
-
-
 def _worker_env(tiny_model: Path, data_dir: Path, redis_url: str | None = None) -> dict:
     env = {
         **os.environ,
@@ -190,27 +182,6 @@ def _worker_env(tiny_model: Path, data_dir: Path, redis_url: str | None = None) 
     return env
 
 
-def _start_worker(env: dict, redis_url: str) -> subprocess.Popen:
-    worker = subprocess.Popen([_sprbot(), "worker", "inference"], env=env)
-    client = connect(Settings(_env_file=None, redis_url=redis_url))
-    deadline = time.monotonic() + 180
-    while not any(str(worker.pid) in k.decode() for k in client.scan_iter(WORKER_PREFIX + "*")):
-        assert worker.poll() is None, "the inference worker exited during start-up"
-        assert time.monotonic() < deadline, "the inference worker did not come up"
-        time.sleep(0.1)
-    return worker
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> str:
-    proc.send_signal(sig)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate(timeout=10)
-    return out or ""
-
-
 @dataclass
 class Served:
     data_dir: Path
@@ -223,11 +194,11 @@ def served(tiny_model, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("telegram-live") / "data"
     server = EmbeddedRedis(data_dir)
     url = server.ensure_running()
-    worker = _start_worker(_worker_env(tiny_model, data_dir, url), url)
+    worker = start_inference_worker(_worker_env(tiny_model, data_dir, url), url)
     try:
         yield Served(data_dir, url)
     finally:
-        _stop(worker)
+        stop(worker)
         server.stop()
 
 
@@ -595,23 +566,23 @@ def test_restart_loses_and_replays_nothing(tiny_model, data_dir, embedded_redis,
         "SPRBOT_LOG_LEVEL": "INFO",
     }
     adapter = subprocess.Popen(
-        [_sprbot(), "adapter", "telegram"], env=env, stdout=subprocess.PIPE,
+        [sprbot_exe(), "adapter", "telegram"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         api.wait_for(lambda: client.xlen(REQUESTS) == 3, 60, "three requests on the bus")
         api.wait_for(lambda: len(api.calls_to("getUpdates")) >= 2, 30, "a confirming poll")
     finally:
-        first_output = _stop(adapter, signal.SIGKILL)
+        first_output = stop(adapter, signal.SIGKILL)
     assert api.confirmed == [], "confirmed although Telegram never answered"
     placeholders = [api.in_chat(c["id"]) for c in chats[:3]]
     assert all(len(p) == 1 and p[0].versions == [PLACEHOLDER] for p in placeholders)
 
     api.message(chats[3], users[3], "Question number 3?")  # while the adapter is down
     confirming["allowed"] = True
-    worker = _start_worker(env, redis_url)
+    worker = start_inference_worker(env, redis_url)
     adapter = subprocess.Popen(
-        [_sprbot(), "adapter", "telegram"], env=env, stdout=subprocess.PIPE,
+        [sprbot_exe(), "adapter", "telegram"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -619,8 +590,8 @@ def test_restart_loses_and_replays_nothing(tiny_model, data_dir, embedded_redis,
             api.wait_for(lambda c=chat: final_of(api.in_chat(c["id"])), 120, "every answer")
         time.sleep(2)  # room for a second answer, if one were coming
     finally:
-        second_output = _stop(adapter)
-        _stop(worker)
+        second_output = stop(adapter)
+        stop(worker)
     assert adapter.returncode == 0, second_output[-3000:]
     memory = ConversationMemory(client)
     for i, chat in enumerate(chats):
@@ -850,7 +821,7 @@ def test_sprbot_up_starts_the_telegram_adapter_and_a_message_is_answered(tiny_mo
         "SPRBOT_TELEGRAM_API_URL": api.url,
     }
     up = subprocess.Popen(
-        [_sprbot(), "up", "--no-chat"], env=env, stdout=subprocess.PIPE,
+        [sprbot_exe(), "up", "--no-chat"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     output = ""
@@ -861,7 +832,7 @@ def test_sprbot_up_starts_the_telegram_adapter_and_a_message_is_answered(tiny_mo
         api.message(chat, user, "Hello from Telegram")
         api.wait_for(lambda: final_of(api.in_chat(chat["id"])), 120, "the answer")
     finally:
-        output = _stop(up, timeout=90)
+        output = stop(up, timeout=90)
     assert up.returncode == 0, output[-3000:]
     assert "Telegram adapter" in output
     assert api.token not in output  # never in the log, even at DEBUG

@@ -9,10 +9,8 @@ import logging
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from processes import sprbot_exe, start_inference_worker, stop
 from standins import AdapterThreads
 
 from adapters.web import (
@@ -40,17 +39,10 @@ from bot.connection import EmbeddedRedis, connect
 from bot.memory import PREFIX as MEMORY_PREFIX
 from bot.memory import ConversationMemory
 from bot.schemas import ChatRequest, request_id
-from inference.worker import WORKER_PREFIX
 
 MAX_NEW_TOKENS = 32
 KEYS = ["first-key-0123456789", "second-key-9876543210"]
 QUESTION = "What is sprbot?"
-
-
-def _sprbot() -> str:
-    exe = shutil.which("sprbot", path=str(Path(sys.executable).parent))
-    assert exe, "the sprbot console script is not installed in this environment"
-    return exe
 
 
 @dataclass
@@ -78,22 +70,11 @@ def serving(tiny_model: Path, data_dir: Path) -> Iterator[Served]:
         "SPRBOT_FAQ_EMBEDDINGS": "off",
         "SPRBOT_METRICS_PORT": "0",
     }
-    worker = subprocess.Popen([_sprbot(), "worker", "inference"], env=env)
+    worker = start_inference_worker(env, url)
     try:
-        client = connect(Settings(_env_file=None, redis_url=url))
-        deadline = time.monotonic() + 180
-        while not any(str(worker.pid) in k.decode() for k in client.scan_iter(WORKER_PREFIX + "*")):
-            assert worker.poll() is None, "the inference worker exited during start-up"
-            assert time.monotonic() < deadline, "the inference worker did not come up"
-            time.sleep(0.1)
         yield Served(data_dir, url, env)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(timeout=10)
+        stop(worker)
         server.stop()
 
 
@@ -589,7 +570,7 @@ def test_sprbot_adapter_web_serves_where_the_keys_say_until_sigterm(served, keys
     env = {**served.env, "SPRBOT_WEB_PORT": "0", "SPRBOT_WEB_API_KEYS": keys}
     env["SPRBOT_LOG_LEVEL"] = "INFO"
     proc = subprocess.Popen(
-        [_sprbot(), "adapter", "web"], env=env, stderr=subprocess.PIPE, text=True
+        [sprbot_exe(), "adapter", "web"], env=env, stderr=subprocess.PIPE, text=True
     )
     client = connect(Settings(_env_file=None, redis_url=served.redis_url))
     try:
@@ -619,7 +600,7 @@ def test_sprbot_up_starts_the_web_chat_and_says_where_to_open_it(data_dir, tiny_
         "SPRBOT_FAQ_EMBEDDINGS": "off",
     }
     proc = subprocess.Popen(
-        [_sprbot(), "up", "--no-chat"], env=env, stderr=subprocess.PIPE, text=True
+        [sprbot_exe(), "up", "--no-chat"], env=env, stderr=subprocess.PIPE, text=True
     )
     lines: queue.Queue[str] = queue.Queue()
 

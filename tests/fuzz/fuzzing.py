@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -43,6 +45,32 @@ def wait_for(predicate, what: str, timeout: float = 20, alive=lambda: None):
             return found
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class Tracebacks(logging.Handler):
+    """Log records that carry a traceback: an exception sprbot did not expect."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(record)
+
+    def summary(self) -> str:
+        return "\n\n".join(self.format(r) for r in self.records[:3])
+
+
+def raw_post(port: int, path: str, head: dict[str, str], body: bytes = b"") -> int:
+    """POST with exactly these headers, and no more of the body than given: a client that
+    announces more than it sends, or a length that is not a number. Returns the status."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{k}: {v}" for k, v in head.items()]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        reply = conn.recv(4096).decode("latin-1")
+    return int(reply.split(" ", 2)[1])
 
 
 @dataclass

@@ -19,7 +19,6 @@ import hmac
 import itertools
 import json
 import logging
-import socket
 import time
 import urllib.parse
 import uuid
@@ -27,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from fuzzing import examples, wait_for
+from fuzzing import Tracebacks, examples, raw_post, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 from standins import AdapterThreads
@@ -43,6 +42,7 @@ from bot.memory import ConversationMemory
 SECRET = "fuzz-signing-secret-0123456789"
 TEAM = "T0TEAM"
 ADMIN = "U0ADMIN"
+EVENTS_PATH = "/slack/events"
 
 _ts = itertools.count(1)
 
@@ -62,21 +62,6 @@ def dm(text: str, channel: str, user: str = "U0USER") -> dict:
         "ts": ts,
         "event_ts": ts,
     }
-
-
-class Tracebacks(logging.Handler):
-    """Log records that carry a traceback: an exception sprbot did not expect."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
-            self.records.append(record)
-
-    def summary(self) -> str:
-        return "\n\n".join(self.format(r) for r in self.records[:3])
 
 
 @dataclass
@@ -129,7 +114,7 @@ def stack_for_module(served) -> Iterator[Stack]:
             consumer="fuzz-slack",
         )
         port = threads.start(adapter, "slack-adapter")
-        sender = SlackSender(f"http://127.0.0.1:{port}/slack/events", SECRET, TEAM)
+        sender = SlackSender(f"http://127.0.0.1:{port}{EVENTS_PATH}", SECRET, TEAM)
         try:
             yield Stack(slack, sender, port, bus, served, tracebacks)
         finally:
@@ -294,16 +279,6 @@ def test_signed_garbage_never_gets_a_5xx_and_events_are_acknowledged(stack, tall
     assert not stack.tracebacks.records, stack.tracebacks.summary()
 
 
-def raw_post(port: int, head: dict[str, str], body: bytes = b"") -> int:
-    """POST with exactly these headers (and no more of the body than given); the status."""
-    lines = ["POST /slack/events HTTP/1.1", "Host: 127.0.0.1"]
-    lines += [f"{k}: {v}" for k, v in head.items()]
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        reply = conn.recv(4096).decode("latin-1")
-    return int(reply.split(" ", 2)[1])
-
-
 def test_huge_bodies_bad_lengths_and_invalid_utf8_are_refused_before_reading(stack, tally):
     last_id = stack.served.last_request_id()
     now = str(int(time.time()))
@@ -318,14 +293,14 @@ def test_huge_bodies_bad_lengths_and_invalid_utf8_are_refused_before_reading(sta
         tally["slack: oversized or malformed body"] += 3
         head = {"Content-Type": "application/json", "X-Slack-Request-Timestamp": now}
         # Over the limit: refused from its Content-Length, before a byte of it is read.
-        assert raw_post(stack.port, {**head, "Content-Length": str(size)}, b"{") == 413
-        assert raw_post(stack.port, {**head, "Content-Length": length}, b"{}") == 400
+        assert raw_post(stack.port, EVENTS_PATH, {**head, "Content-Length": str(size)}, b"{") == 413
+        assert raw_post(stack.port, EVENTS_PATH, {**head, "Content-Length": length}, b"{}") == 400
         # Not UTF-8 (a lone continuation byte makes sure of it), even with a valid signature.
         body = b"\x80" + junk
         mac = hmac.new(SECRET.encode(), f"v0:{now}:".encode() + body, hashlib.sha256)
         sig = "v0=" + mac.hexdigest()
         head = {**head, "Content-Length": str(len(body)), "X-Slack-Signature": sig}
-        assert raw_post(stack.port, head, body) == 400
+        assert raw_post(stack.port, EVENTS_PATH, head, body) == 400
 
     send()
     stack.nothing_reached_the_bus_since(last_id)

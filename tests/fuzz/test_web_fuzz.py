@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-from fuzzing import Served, examples
+from fuzzing import Served, Tracebacks, examples, raw_post
 from hypothesis import given
 from hypothesis import strategies as st
 from standins import AdapterThreads
@@ -39,21 +38,6 @@ KEY = "fuzz-web-key-0123456789"
 MAX_TEXT_CHARS = 4000  # the default SPRBOT_MAX_TEXT_CHARS
 COMPLETIONS = "v1/chat/completions"
 ROLES = ("system", "developer", "user", "assistant")
-
-
-class Tracebacks(logging.Handler):
-    """Log records that carry a traceback: an exception sprbot did not expect."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
-            self.records.append(record)
-
-    def summary(self) -> str:
-        return "\n\n".join(self.format(r) for r in self.records[:3])
 
 
 @dataclass
@@ -393,15 +377,12 @@ def test_a_body_over_the_limit_gets_413_announced_or_not(stack, tally):
     @given(size=st.integers(MAX_BODY_BYTES + 1, 1 << 40))
     def announced(size: int) -> None:
         tally["web: oversized body"] += 1
-        head = (
-            f"POST /{COMPLETIONS} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{{"
-        )
-        with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as conn:
-            conn.sendall(head.encode())
-            status = int(conn.recv(4096).decode("latin-1").split(" ", 2)[1])
-        assert status == 413
+        head = {
+            "Authorization": f"Bearer {KEY}",
+            "Content-Type": "application/json",
+            "Content-Length": str(size),
+        }
+        assert raw_post(stack.port, f"/{COMPLETIONS}", head, b"{") == 413
 
     announced()
 
