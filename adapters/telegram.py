@@ -93,7 +93,7 @@ from bot.commands import COMMANDS, CommandContext, Stores, dispatch, parse
 from bot.config import Settings
 from bot.errors import SprbotError
 from bot.faq import Exchange, FaqError
-from bot.logs import request_context
+from bot.logs import SecretMask, request_context
 from bot.memory import ConversationMemory
 from bot.render import BULLET, HEADING, INLINE_CODE, Throttle, fenced_segments, split_text
 from bot.schemas import ChatRequest, request_id, shape_problem
@@ -138,33 +138,10 @@ class _Paused(Exception):
 
 # -- the token stays out of the logs -------------------------------------------------------------
 
-
-class _RedactTokens(logging.Filter):
-    """The bot token is part of every Bot API URL: PTB logs the URL at DEBUG when it builds its
-    bot, and httpx logs each request's URL at INFO. Masked here, on the loggers that may."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self.tokens:
-            return True
-        message = record.getMessage()
-        masked = self.mask(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
-        return True
-
-    def mask(self, text: str) -> str:
-        for token in self.tokens:
-            text = text.replace(token, "<token>")
-        return text
-
-
-_REDACT = _RedactTokens()
+# The bot token is part of every Bot API URL: PTB logs the URL at DEBUG when it builds its bot,
+# and httpx logs each request's URL at INFO. Masked on the loggers that may, as well as by the
+# handlers ``configure_logging`` sets up, for code that embeds the adapter without them.
+_REDACT = SecretMask()
 _REDACTED_LOGGERS = (
     "telegram",
     "telegram.Bot",
@@ -182,7 +159,7 @@ _REDACTED_LOGGERS = (
 
 
 def _protect(token: str) -> None:
-    _REDACT.tokens.add(token)
+    _REDACT.add(token)
     for name in _REDACTED_LOGGERS:
         logger = logging.getLogger(name)
         if _REDACT not in logger.filters:

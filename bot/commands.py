@@ -33,6 +33,7 @@ from bot.errors import SprbotError
 from bot.faq import AddResult, Exchange, FaqEntry, FaqStore, make_embedder
 from bot.memory import ConversationMemory
 from bot.registry import BASE, ModelRegistry, ModelVersion
+from bot.schemas import platform_of
 
 if TYPE_CHECKING:
     import redis
@@ -112,7 +113,7 @@ class CommandContext:
 
     def __post_init__(self) -> None:
         if not self.platform:
-            object.__setattr__(self, "platform", self.channel.split("-", 1)[0])
+            object.__setattr__(self, "platform", platform_of(self.channel))
 
     @property
     def is_admin(self) -> bool:

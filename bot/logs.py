@@ -92,10 +92,14 @@ class SecretMask(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
+        self.secrets: list[str] = []
+        self.add(*secrets)
+
+    def add(self, *secrets: str) -> None:
+        """Mask these too (a token an adapter learns after logging was set up)."""
+        known = set(self.secrets) | {s for s in secrets if len(s) >= _MIN_SECRET_CHARS}
         # Longest first, so a secret that contains another is masked whole.
-        self.secrets = sorted(
-            {s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len, reverse=True
-        )
+        self.secrets = sorted(known, key=len, reverse=True)
 
     def mask(self, text: str) -> str:
         for secret in self.secrets:

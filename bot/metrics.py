@@ -52,6 +52,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from bot.config import Settings
+from bot.schemas import platform_of
 
 if TYPE_CHECKING:
     from bot.bus import Bus, BusStats
@@ -107,12 +108,6 @@ MODEL_INFO = Gauge(
     "The model version this inference worker gives new requests, and how it runs it.",
     ["version", "model", "backend", "dtype"],
 )
-
-
-def platform_of(channel: str) -> str:
-    """A channel's platform, as a label: ``console-ab12`` (one terminal session) is
-    ``console``, so the label's values stay few."""
-    return channel.split("-", 1)[0]
 
 
 def count_request(channel: str, outcome: str, n: int = 1) -> None:

@@ -35,6 +35,12 @@ class TextTooLong(SprbotError, ValueError):
     """The text of a request is over the configured limit. The message is fit for the user."""
 
 
+def platform_of(channel: str) -> str:
+    """A reply channel's platform: its name up to the first ``-``. ``console-ab12`` (one
+    terminal session) is ``console``; ``slack`` is ``slack``."""
+    return channel.split("-", 1)[0]
+
+
 def request_id(platform: str, *parts: str | int) -> str:
     """A request id derived from the platform event, so that a re-delivered event collides.
 
