@@ -409,7 +409,7 @@ class Bus:
         """
         events = list(events)  # numbered before the finals, even when given lazily
         finals = [(d, a if isinstance(a, FinalEvent) else d.final(a)) for d, a in items]
-        return self._settle_many(finals, events, remember or {})
+        return self._settle_many(finals, events, remember)
 
     def fail(self, delivery: Delivery, code: ErrorCode, message: str) -> bool:
         """End a request with an error reply (``message`` is shown to the user), once."""
@@ -687,6 +687,7 @@ class Bus:
         events: Iterable[DeltaEvent | ProgressEvent] = (),
         remember: Mapping[str, MemoryWrite] | None = None,
     ) -> list[bool]:
+        remember = remember or {}
         pipe = self.redis.pipeline(transaction=False)
         self._add_events(pipe, events)
         emitted = len(pipe)
@@ -697,7 +698,7 @@ class Bus:
                 source=REQUESTS,
                 group=REQUEST_GROUP,
                 entry_id=delivery.entry_id,
-                remember=(remember or {}).get(delivery.request.id),
+                remember=remember.get(delivery.request.id),
             )
         written = [bool(new) for new in pipe.execute()[emitted:]]
         for (delivery, event), new in zip(items, written, strict=True):

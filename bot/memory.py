@@ -42,7 +42,8 @@ class ConversationMemory:
         return [json.loads(item) for item in raw]
 
     def exchange(self, conversation: str, user_text: str, assistant_text: str) -> MemoryWrite:
-        """The write that records one exchange (``append`` does it now)."""
+        """The write that records one exchange, for the bus to do with the final
+        (``append`` does it at once)."""
         return MemoryWrite(
             conversation_key(conversation),
             (
