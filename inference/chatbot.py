@@ -240,6 +240,7 @@ def load_model(config: PipelineConfig) -> LoadedModel:
     else:
         requested, forced = optimization.dtype, optimization.force or env_dtype == "bfloat16"
     dtype = resolve_dtype(requested, device, forced=forced, native_bf16=cpu_has_native_bf16())
+    config = _gguf_imported(config)
     tokenizer = _load_tokenizer(config)
     return LoadedModel(_load_model(config, dtype, device), tokenizer, device, dtype)
 
@@ -288,6 +289,23 @@ def build_chatbot(
         info["threads"],
     )
     return bot
+
+
+def _gguf_imported(config: PipelineConfig) -> PipelineConfig:
+    """``config`` loading the bf16 folder of its GGUF file, if it names one: as the model
+    (``SPRBOT_MODEL=model.gguf``) or as NeuralChat's ``loading_config.gguf_model_path``."""
+    from inference.gguf import import_gguf, is_gguf
+
+    source = config.loading_config.gguf_model_path or config.model_name_or_path
+    if not is_gguf(source):
+        return config
+    folder = str(import_gguf(Path(source)))
+    tokenizer = config.tokenizer_name_or_path
+    return replace(
+        config,
+        model_name_or_path=folder,
+        tokenizer_name_or_path=folder if tokenizer is None or is_gguf(tokenizer) else tokenizer,
+    )
 
 
 def _load_help(what: str, name: str, exc: Exception) -> ModelLoadError:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny offline model, an isolated data dir and the embedded Redis server."""
+"""Shared fixtures: a tiny offline model, the real demo model (SmolLM2-135M-Instruct), an
+isolated data dir and the embedded Redis server."""
 
 from __future__ import annotations
 
@@ -27,6 +28,35 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from inference.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_import(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data dir of one import of the demo model's GGUF file, made once per session (about
+    25 s): tests that need the real model share its bf16 folder."""
+    from bot.demo import DEMO_NAME, demo_gguf
+    from inference.gguf import import_gguf
+
+    root = tmp_path_factory.mktemp("smollm2")
+    import_gguf(demo_gguf(), data_dir=root, name=DEMO_NAME)
+    return root
+
+
+@pytest.fixture
+def smollm2(smollm2_import: Path, data_dir: Path) -> Path:
+    """The real model's bf16 folder, seen from this test's data dir as if imported there
+    (linked, with the import's index), so that `--demo` and .gguf paths reuse it."""
+    from inference.gguf import imported_dir
+
+    source, target = imported_dir(smollm2_import), imported_dir(data_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.is_dir():
+            (target / entry.name).symlink_to(entry, target_is_directory=True)
+        else:
+            shutil.copy(entry, target / entry.name)
+    [folder] = [p for p in target.iterdir() if p.is_dir()]
+    return folder
 
 
 @pytest.fixture

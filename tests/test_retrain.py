@@ -49,6 +49,11 @@ TRAIN_ENV = {
     "SPRBOT_TRAIN_EPOCHS": "150",
     "SPRBOT_TRAIN_LEARNING_RATE": "1e-2",
     "SPRBOT_TRAIN_LORA_RANK": "8",
+    "SPRBOT_TRAIN_LORA_LAYERS": "all",
+    # A random model has no general ability to keep: no replay, and any drift is tolerated.
+    # tests/test_learning.py checks both on the real model.
+    "SPRBOT_TRAIN_REPLAY": "false",
+    "SPRBOT_TRAIN_RETENTION_TOLERANCE": "1000",
     "SPRBOT_TRAIN_MONITOR_S": "2",
     "SPRBOT_TRAIN_MAINTENANCE_S": "3",
     "OMP_NUM_THREADS": "1",
@@ -75,16 +80,16 @@ def bus(env) -> Bus:
     return Bus(connect(load_settings()), max_backlog=1024)
 
 
-@pytest.fixture
-def trainers():
-    """`sprbot worker train` processes, each in its own process group (worker + work horse)."""
+def training_workers(base_env: dict[str, str]):
+    """`sprbot worker train` processes, each in its own process group (worker + work horse),
+    started with ``base_env`` and per-call overrides; killed at the end."""
     procs: list[subprocess.Popen] = []
 
     def start(*args: str, **env: str) -> subprocess.Popen:
         exe = shutil.which("sprbot", path=str(Path(sys.executable).parent))
         proc = subprocess.Popen(
             [exe, "worker", "train", *args],
-            env={**os.environ, **TRAIN_ENV, **env},
+            env={**os.environ, **base_env, **env},
             start_new_session=True,
         )
         procs.append(proc)
@@ -95,6 +100,11 @@ def trainers():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def trainers():
+    yield from training_workers(TRAIN_ENV)
 
 
 @pytest.fixture
@@ -178,14 +188,14 @@ def test_faq_to_retrain_to_hot_swap_then_the_bot_gives_the_trained_answers(
     assert record.kind == "lora" and record.dataset_rows == 8 and record.parent == BASE
     assert record.requested_by == f"console:{ADMIN}"
     assert record.metrics["gate"]["passed"]
-    exact = record.metrics["candidate"]["faq_exact"]
-    assert exact >= 7, record.metrics
+    recalled = record.metrics["candidate"]["faq_recall"]
+    assert recalled >= 7 and record.metrics["serving"]["faq_recall"] == 0, record.metrics
 
     serving(bus, worker, "v1", timeout=120)
     after = {q: _answer(bus, q) for q, _ in FAQ}
     right = [q for q, a in FAQ if after[q] == a]
     # What users get through the bus is what the job's evaluation measured.
-    assert len(right) == exact, after
+    assert len(right) == recalled, after
     status = dispatch("/train", context(bus))
     assert status.startswith("No retrain is running. The last one: job " + job_id), status
     assert "promoted v1 (was base)" in status
@@ -227,7 +237,7 @@ def test_a_worse_candidate_is_registered_but_not_promoted(bus, env, trainers):
     final = admin_events(bus, second, timeout=600)[-1]
     assert final.kind == "final", final
     assert final.text.startswith("Retrain done: v2 was NOT promoted; v1 keeps serving."), final
-    assert "answers fewer FAQ questions exactly" in final.text
+    assert "it answers fewer FAQ questions (0 vs 4 of 4)" in final.text, final.text
     assert "/model use v2" in final.text
     registry = ModelRegistry(bus.redis, env)
     assert registry.current() == "v1"

@@ -8,8 +8,6 @@ generation, in bf16 on CPU with LoRA.
 ...     data_args=DataArguments(train_file="faq.json", validation_split_percentage=10),
 ...     training_args=TrainingArguments(output_dir="./faq-lora", do_train=True, bf16=True),
 ...     finetune_args=FinetuningArguments()))
-
-``training.demo`` builds the offline demo model.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Resolved on first use: importing transformers' Trainer takes seconds, and `sprbot up --demo`
-# imports `training.demo` on every start, when the demo model is built already too.
+# Resolved on first use: importing transformers' Trainer takes seconds, and the training
+# worker imports this package long before its first job.
 _EXPORTS = {
     "BaseFinetuningConfig": "training.config",
     "CodeGenerationFinetuningConfig": "training.config",

@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,13 @@ def _unpack(cfg: Any) -> tuple[ModelArguments, DataArguments, Any, FinetuningArg
             "DataArguments.special_tokens is not supported: new tokens would need new "
             "embeddings; use the tokenizer's own special tokens (its chat template)"
         )
-    return cfg.model_args, cfg.data_args, args, cfg.finetune_args
+    # A .gguf file trains as the bf16 folder it imports to (once; later runs reuse it).
+    from inference.gguf import resolve
+
+    model_args = replace(
+        cfg.model_args, model_name_or_path=resolve(cfg.model_args.model_name_or_path)
+    )
+    return model_args, cfg.data_args, args, cfg.finetune_args
 
 
 def _check_output_dir(output_dir: Path, args: Any) -> None:

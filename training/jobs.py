@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -54,6 +53,7 @@ from bot.connection import connect
 from bot.logs import REQUEST_ID
 from bot.metrics import TrainingState
 from bot.schemas import ErrorEvent, FinalEvent, ProgressEvent
+from training import learning
 
 if TYPE_CHECKING:
     from bot.commands import CommandContext
@@ -63,13 +63,9 @@ log = logging.getLogger(__name__)
 QUEUE = "training"
 RUNNING = "sprbot:train:running"  # the job id holding the one retrain slot
 _SEQ = "sprbot:train:seq:"  # per job: numbers its progress events across processes
-REGRESSION_SET = Path(__file__).parent / "data" / "regression.json"
 _ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 # What a full disk (or quota, or file size limit) makes writes fail with.
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-# The candidate may be this much worse (relative) on a loss and still pass: the same model
-# evaluated twice in bf16 differs by a little.
-LOSS_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -79,8 +75,10 @@ class RetrainOptions:
     epochs: float
     learning_rate: float
     lora_rank: int
+    lora_layers: str  # "mlp" or "all"
     timeout_s: int
-    held_out_min_rows: int  # hold out 10% of the FAQ for eval loss once there are this many
+    replay: bool
+    retention_tolerance: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetrainOptions:
@@ -88,8 +86,10 @@ class RetrainOptions:
             epochs=settings.train_epochs,
             learning_rate=settings.train_learning_rate,
             lora_rank=settings.train_lora_rank,
+            lora_layers=settings.train_lora_layers,
             timeout_s=settings.train_timeout_s,
-            held_out_min_rows=settings.train_held_out_min_rows,
+            replay=settings.train_replay,
+            retention_tolerance=settings.train_retention_tolerance,
         )
 
 
@@ -414,37 +414,57 @@ def retrain_job(requested_by: str, channel: str, reply_to: dict[str, Any]) -> di
         started = time.perf_counter()
         snapshot = stores.faq.snapshot(work / "faq.json")
         pairs = [(r["instruction"], r["output"]) for r in json.loads(snapshot.path.read_text())]
-        train_pairs, held_out = _split(pairs, options.held_out_min_rows)
-        (work / "train.json").write_text(
-            json.dumps([{"instruction": q, "input": "", "output": a} for q, a in train_pairs])
+        judged = learning.eval_sample(pairs)
+        timings["snapshot"] = time.perf_counter() - started
+
+        phase("measuring the serving model (it also rewords the FAQ questions)")
+        started = time.perf_counter()
+        serving = registry.current()
+        base = learning.base_answers(_pipeline(base_model, None), settings.data_dir / "training")
+        embedder = stores.faq.embedder if settings.faq_embeddings != "off" else None
+        serving_metrics = learning.evaluate(
+            _version_pipeline(registry, serving, base_model),
+            judged,
+            [],
+            base,
+            embedder,
+            make_paraphrases_with=learning.make_paraphrases,
         )
-        timings["snapshot_s"] = time.perf_counter() - started
+        paraphrases = serving_metrics["paraphrases"]
+        timings["measure serving"] = time.perf_counter() - started
 
         phase("fine-tuning", step=0, total=None)
         started = time.perf_counter()
+        trained = pairs + learning.augmentation(judged, paraphrases)
+        if options.replay:
+            trained += base.replay
+        rows = [{"instruction": q, "input": "", "output": a} for q, a in trained]
+        (work / "train.json").write_text(json.dumps(rows))
         version, folder = registry.allocate()
         if job is not None:  # so that a failure report can clear it if the job dies
             job.meta["version"] = version
             job.save_meta()
         result = _finetune(base_model, work / "train.json", folder, options, job, say)
-        timings["train_s"] = time.perf_counter() - started
+        timings["fine-tuning"] = time.perf_counter() - started
 
-        phase("evaluating the candidate against the serving model")
+        phase("measuring the candidate")
         started = time.perf_counter()
-        serving = registry.current()
-        candidate_metrics = _evaluate_folder(base_model, folder, pairs, held_out, settings)
-        serving_metrics = _evaluate_version(
-            registry, serving, base_model, pairs, held_out, settings
+        candidate_metrics = learning.evaluate(
+            _pipeline(base_model, str(folder)), judged, paraphrases, base, embedder
         )
-        timings["eval_s"] = time.perf_counter() - started
-        passed, why = gate(candidate_metrics, serving_metrics)
+        timings["measure candidate"] = time.perf_counter() - started
+        passed, why = learning.gate(
+            candidate_metrics, serving_metrics, base, options.retention_tolerance
+        )
 
         metrics = {
             "candidate": candidate_metrics,
             "serving": {"version": serving, **serving_metrics},
+            "base": {"retention_loss": base.retention_loss},
             "train": {k: v for k, v in result.metrics.items() if _jsonable(v)},
             "timings": timings,
             "gate": {"passed": passed, "reason": why},
+            "train_rows": {"faq": len(pairs), "total": len(trained)},
         }
         record = registry.register(
             version,
@@ -465,11 +485,19 @@ def retrain_job(requested_by: str, channel: str, reply_to: dict[str, Any]) -> di
             job.meta.update({"phase": "done", "outcome": outcome, "version": version})
             job.save_meta()
         loss_png = folder / "loss.png"
-        say.final(
-            report(record.version, serving, candidate_metrics, serving_metrics, passed, why)
-            + (f"\nAn admin can still serve it: /model use {version}" if not passed else ""),
-            attachments=[str(loss_png)] if loss_png.is_file() else [],
+        text = learning.report(
+            record.version,
+            serving,
+            candidate_metrics,
+            serving_metrics,
+            base,
+            passed,
+            why,
+            timings,
         )
+        if not passed:
+            text += f"\nAn admin can still serve it: /model use {version}"
+        say.final(text, attachments=[str(loss_png)] if loss_png.is_file() else [])
         return {"version": version, "promoted": passed, "reason": why, "metrics": metrics}
     except BaseException:
         # Nothing was registered: leave no half-made version folder behind.
@@ -482,16 +510,6 @@ def retrain_job(requested_by: str, channel: str, reply_to: dict[str, Any]) -> di
         if raw is not None and (raw.decode() if isinstance(raw, bytes) else raw) == job_id:
             client.delete(RUNNING)
         REQUEST_ID.reset(logged_as)
-
-
-def _split(
-    pairs: list[tuple[str, str]], min_rows: int
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Training pairs and held-out pairs: every 10th pair once there are ``min_rows``."""
-    if len(pairs) < min_rows:
-        return pairs, []
-    held = pairs[9::10]
-    return [p for i, p in enumerate(pairs) if i % 10 != 9], held
 
 
 def _finetune(
@@ -547,31 +565,30 @@ def _finetune(
             peft="lora",
             lora_rank=options.lora_rank,
             lora_alpha=2 * options.lora_rank,
-            lora_all_linear=True,
+            **(
+                {"lora_target_modules": list(learning.MLP_MODULES)}
+                if options.lora_layers == "mlp"
+                else {"lora_all_linear": True}
+            ),
         ),
     )
     return finetune_model(config, progress=progress)
 
 
-# -- evaluation ----------------------------------------------------------------------------------
+# -- evaluation (training.learning) -------------------------------------------------------------
 
 
-def _evaluate_version(registry, version: str, base_model: str, pairs, held_out, settings):
+def _version_pipeline(registry, version: str, base_model: str):
+    """How to load a registered version: a LoRA on its base, or a full model's folder."""
     from bot.registry import BASE
 
     if version == BASE:
-        return evaluate(_pipeline(base_model, None), pairs, held_out, settings)
+        return _pipeline(base_model, None)
     record = registry.get(version)
     path = registry.path(record)
     if record.kind == "lora":
-        return evaluate(
-            _pipeline(record.base_model or base_model, str(path)), pairs, held_out, settings
-        )
-    return evaluate(_pipeline(str(path), None), pairs, held_out, settings)
-
-
-def _evaluate_folder(base_model: str, folder: Path, pairs, held_out, settings):
-    return evaluate(_pipeline(base_model, str(folder)), pairs, held_out, settings)
+        return _pipeline(record.base_model or base_model, str(path))
+    return _pipeline(str(path), None)
 
 
 def _pipeline(model: str, peft_path: str | None):
@@ -580,108 +597,6 @@ def _pipeline(model: str, peft_path: str | None):
     return PipelineConfig(
         model_name_or_path=model, loading_config=LoadingModelConfig(peft_path=peft_path)
     )
-
-
-def evaluate(
-    config, pairs: list[tuple[str, str]], held_out: list[tuple[str, str]], settings: Settings
-) -> dict[str, Any]:
-    """Exact-answer rate on the FAQ (greedy, as users are answered) and mean answer-token loss
-    on held-out pairs and on the regression set, for one model."""
-    import gc
-
-    from inference import build_chatbot
-
-    chatbot = build_chatbot(config)
-    try:
-        exact = sum(_answers_exactly(chatbot, q, a, settings) for q, a in pairs)
-        regression = [
-            (r["instruction"], r["output"]) for r in json.loads(REGRESSION_SET.read_text())
-        ]
-        return {
-            "faq_exact": exact,
-            "faq_rows": len(pairs),
-            "faq_exact_rate": exact / len(pairs) if pairs else 0.0,
-            "held_out_loss": answer_loss(chatbot, held_out) if held_out else None,
-            "held_out_rows": len(held_out),
-            "regression_loss": answer_loss(chatbot, regression),
-        }
-    finally:
-        del chatbot
-        gc.collect()
-
-
-def _answers_exactly(chatbot, question: str, answer: str, settings: Settings) -> bool:
-    from inference import GenerationConfig
-
-    budget = len(chatbot.tokenizer(answer, add_special_tokens=False).input_ids) + 8
-    config = GenerationConfig(do_sample=False, max_new_tokens=min(budget, settings.max_new_tokens))
-    return chatbot.predict(question, config).strip() == answer.strip()
-
-
-def answer_loss(chatbot, pairs: list[tuple[str, str]]) -> float:
-    """Mean cross-entropy of the answer tokens after each question's prompt."""
-    import torch
-
-    total, count = 0.0, 0
-    for question, answer in pairs:
-        prompt_ids, _ = chatbot.prepare([{"role": "user", "content": question}])
-        answer_ids = chatbot.tokenizer(answer, add_special_tokens=False).input_ids
-        ids = torch.tensor([prompt_ids + answer_ids])
-        with torch.inference_mode():
-            logits = chatbot.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids), reduction="sum")
-        total += float(loss)
-        count += len(answer_ids)
-    return total / max(count, 1)
-
-
-def gate(candidate: dict[str, Any], serving: dict[str, Any]) -> tuple[bool, str]:
-    """Promote only if the candidate answers at least as many FAQ questions exactly and is not
-    worse on held-out FAQ pairs or the regression set (beyond bf16 noise)."""
-    if candidate["faq_exact"] < serving["faq_exact"]:
-        return False, (
-            f"it answers fewer FAQ questions exactly ({candidate['faq_exact']} vs "
-            f"{serving['faq_exact']} of {candidate['faq_rows']})"
-        )
-    for name in ("held_out_loss", "regression_loss"):
-        new, old = candidate.get(name), serving.get(name)
-        if new is None or old is None:
-            continue
-        if not math.isfinite(new) or new > old * (1 + LOSS_TOLERANCE) + 1e-6:
-            label = name.replace("_", " ")
-            return False, f"its {label} is worse ({new:.3f} vs {old:.3f})"
-    return True, (
-        f"it answers {candidate['faq_exact']}/{candidate['faq_rows']} FAQ questions exactly "
-        f"(serving: {serving['faq_exact']}) and is no worse on the regression set"
-    )
-
-
-def report(
-    version: str,
-    serving: str,
-    candidate: dict[str, Any],
-    old: dict[str, Any],
-    passed: bool,
-    why: str,
-) -> str:
-    head = f"Retrain done: {version} " + (
-        f"is now serving (was {serving})."
-        if passed
-        else f"was NOT promoted; {serving} keeps serving."
-    )
-    lines = [
-        head,
-        f"Why: {why}.",
-        f"FAQ exact answers: {candidate['faq_exact']}/{candidate['faq_rows']} "
-        f"(was {old['faq_exact']}/{old['faq_rows']}).",
-        f"Regression loss: {candidate['regression_loss']:.3f} (was {old['regression_loss']:.3f}).",
-    ]
-    if candidate.get("held_out_loss") is not None:
-        lines.append(
-            f"Held-out FAQ loss ({candidate['held_out_rows']} pairs): "
-            f"{candidate['held_out_loss']:.3f} (was {old['held_out_loss']:.3f})."
-        )
-    return "\n".join(lines)
 
 
 def _jsonable(value: Any) -> bool:

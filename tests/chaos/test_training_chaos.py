@@ -45,8 +45,9 @@ pytestmark = pytest.mark.chaos
 # Progress lines the job posts as it enters each phase.
 PHASES = {
     "snapshot": "snapshotting the approved FAQ",
+    "measuring serving": "measuring the serving model",
     "fine-tuning": "fine-tuning",
-    "evaluation": "evaluating the candidate",
+    "measuring candidate": "measuring the candidate",
 }
 
 
