@@ -165,7 +165,7 @@ class Settings(BaseSettings):
         True, description="Train the base model's own general answers next to the FAQ."
     )
     train_retention_tolerance: float = Field(
-        0.35,
+        0.5,
         ge=0,
         description="How much higher (relative) the candidate's loss on the base model's "
         "general answers may be before the gate calls it forgetful.",

@@ -63,6 +63,7 @@ CANCEL_CHECK_S = 0.5
 CANCELLED_MESSAGE = "Stopped: the asker went away."
 
 FAQ_PREFIX = "From the team FAQ: "
+GREEDY_BELOW_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -390,8 +391,8 @@ class InferenceWorker:
 
     def generation_for(self, options: GenerationOptions | None) -> GenerationConfig:
         """The worker's generation settings with a request's own applied: its token limit
-        capped at the worker's; temperature or top_p 0 decodes greedily, another temperature
-        samples."""
+        capped at the worker's; temperature (below 1e-4) or top_p 0 decodes greedily, another
+        temperature samples."""
         config = self.generation
         if options is None:
             return config
@@ -399,7 +400,9 @@ class InferenceWorker:
         if options.max_new_tokens is not None:
             changes["max_new_tokens"] = min(options.max_new_tokens, config.max_new_tokens)
         if options.temperature is not None:
-            if options.temperature > 0:
+            # Below this, logits / temperature overflows to inf in bf16 and fp32 (a fuzzed
+            # 3.9e-74 gave a 500); so small a temperature is greedy decoding anyway.
+            if options.temperature >= GREEDY_BELOW_TEMPERATURE:
                 changes.update(do_sample=True, temperature=options.temperature)
             else:
                 changes["do_sample"] = False

@@ -241,9 +241,10 @@ def _similarities(embedder, left: Sequence[str], right: Sequence[str]) -> list[f
 def augmentation(
     pairs: Sequence[tuple[str, str]], paraphrases: Sequence[Sequence[str]]
 ) -> list[tuple[str, str]]:
-    """Extra training pairs: each question's paraphrases but the first, which the gate keeps
-    for judging (so the gate's reworded questions are never trained on)."""
-    return [(p, a) for ps, (_, a) in zip(paraphrases, pairs, strict=True) for p in ps[1:]]
+    """Extra training pairs: each question's second paraphrase, if any. The first is the
+    gate's, never trained on; more than one extra made the amount of training (and so the
+    forgetting) swing with how many rewordings the serving model happened to get right."""
+    return [(ps[1], a) for ps, (_, a) in zip(paraphrases, pairs, strict=True) if len(ps) > 1]
 
 
 def eval_sample(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
