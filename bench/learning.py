@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "SPRBOT_CONSOLE_ADMINS": ADMIN,
             "SPRBOT_DO_SAMPLE": "false",
             "SPRBOT_LOG_LEVEL": "WARNING",
+            "SPRBOT_METRICS_PORT": "0",  # the workers would contend for the default port
         }
         if args.lr is not None:
             env["SPRBOT_TRAIN_LEARNING_RATE"] = str(args.lr)

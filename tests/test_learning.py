@@ -23,8 +23,9 @@ from inference import GenerationConfig, LoadingModelConfig, PipelineConfig, buil
 
 TEAM = json.loads((Path(__file__).parents[1] / "bench" / "data" / "learning.json").read_text())
 FAQ = [(item["question"], item["answer"]) for item in TEAM["faq"]]
-# Measured by bench/learning.py on this recipe; the targets are 6 and 1.
-REWORDED_AT_LEAST = 2
+# The targets are 6 and 1. bench/learning.py measured 6 and 2, and the sweep in
+# docs/FINETUNING.md 5 and 2: asserted with a margin of what holds, not the targets.
+REWORDED_AT_LEAST = 4
 GENERAL_LOST_AT_MOST = 2
 
 
