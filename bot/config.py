@@ -22,7 +22,8 @@ ENV_PREFIX = "SPRBOT_"
 DEFAULT_MODEL = "Intel/neural-chat-7b-v3-3"
 
 
-def _default_data_dir() -> Path:
+def default_data_dir() -> Path:
+    """Where state and models live when ``SPRBOT_DATA_DIR`` is unset."""
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "sprbot"
 
@@ -76,7 +77,7 @@ class Settings(BaseSettings):
         "crash or power cut can lose the last second of writes) or on every write (none "
         "lost, each write waits for the disk). A server of your own: set it in redis.conf.",
     )
-    data_dir: Path = Field(default_factory=_default_data_dir, description="State and models.")
+    data_dir: Path = Field(default_factory=default_data_dir, description="State and models.")
     model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local directory.")
     dtype: Literal["bfloat16", "float32", "auto"] = Field(
         "auto", description="auto: bf16 where the CPU has native bf16, else fp32."

@@ -41,13 +41,13 @@ def imported_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "models" / "imported"
 
 
-def default_data_dir() -> Path:
+def data_dir_from_env() -> Path:
     """``SPRBOT_DATA_DIR``, else the settings' default: without loading every setting, so that
     the engine alone (a notebook) can import a file."""
-    from bot.config import _default_data_dir
+    from bot.config import default_data_dir
 
     configured = os.environ.get("SPRBOT_DATA_DIR")
-    return Path(configured).expanduser() if configured else _default_data_dir()
+    return Path(configured).expanduser() if configured else default_data_dir()
 
 
 def resolve(name: str, *, data_dir: Path | None = None, progress: Progress | None = None) -> str:
@@ -75,7 +75,7 @@ def import_gguf(
             f"cannot load the model: the GGUF file {file} does not exist. Give the path of a "
             ".gguf file (llama.cpp's and Ollama's model format), a Hugging Face folder or id."
         )
-    root = imported_dir(data_dir or default_data_dir())
+    root = imported_dir(data_dir or data_dir_from_env())
     root.mkdir(parents=True, exist_ok=True)
     digest = _sha256(file, root, progress)
     existing = _find(root, digest)

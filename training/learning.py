@@ -29,7 +29,8 @@ import logging
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,20 +255,16 @@ def eval_sample(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return random.Random(0).sample(list(pairs), EVAL_MAX_ROWS)
 
 
-class _loaded:
+@contextmanager
+def _loaded(config) -> Iterator[Any]:
     """A chatbot for one evaluation, freed afterwards (two 7B models do not fit at once)."""
+    from inference import build_chatbot
 
-    def __init__(self, config) -> None:
-        self.config = config
-
-    def __enter__(self):
-        from inference import build_chatbot
-
-        self.chatbot = build_chatbot(self.config)
-        return self.chatbot
-
-    def __exit__(self, *exc: object) -> None:
-        del self.chatbot
+    chatbot = build_chatbot(config)
+    try:
+        yield chatbot
+    finally:
+        del chatbot
         gc.collect()
 
 
