@@ -542,7 +542,9 @@ def _finetune(
             line += f", loss {loss:.3f}"
         if eta is not None:
             line += f", about {_duration(eta)} left"
-        say.progress(line, every_s=2.0)
+        # Throttled for the chat's edit limits, but the last step always shows: a short run
+        # would otherwise report its phase and never a step.
+        say.progress(line, every_s=0.0 if step >= total else 2.0)
 
     config = TextGenerationFinetuningConfig(
         model_args=ModelArguments(model_name_or_path=base_model),
