@@ -14,7 +14,8 @@ capped at the worker's. Each final reply carries the token ``usage``.
 FAQ grounding (``WorkerOptions.faq_grounding``): each new question is compared with the
 approved FAQ entries. At cosine >= ``faq_threshold`` the entry's answer is the reply,
 prefixed ``From the team FAQ:``, streamed and finished like any other; below it, the
-``faq_context`` closest entries go into the system message. Hits are counted in
+``faq_context`` closest entries go into the system message, the closest last, and the answer
+is decoded without the repetition penalty. Hits are counted in
 ``sprbot:faq:stats`` for ``sprbot status``.
 
 Hot reload: with a ``ModelRegistry`` and a loader, the worker follows the serving version. It
@@ -369,12 +370,19 @@ class InferenceWorker:
         turns = [t for t in turns if t["role"] != "system"]
         generation = self.generation_for(options)
         faq = list(faq)
+        if faq:
+            # The penalty counts the prompt's tokens, so it steers the model away from the
+            # very words of the entry it should repeat: on SmolLM2-135M, 2 of 8 questions in
+            # other words carried the key fact with it, 6 of 8 without (docs/BENCHMARKS.md).
+            generation = replace(generation, repetition_penalty=1.0)
         limit = min(self.options.max_prompt_tokens, self.chatbot.context_length - 1)
         while True:
             messages = [*turns, {"role": "user", "content": text}]
             system = given_system
             if faq:
-                notes = "\n".join(f"Q: {e.question}\nA: {e.answer}" for e in faq)
+                # The closest entry last, next to the question: small models lean on what
+                # they read last.
+                notes = "\n".join(f"Q: {e.question}\nA: {e.answer}" for e in reversed(faq))
                 base = given_system or self.chatbot.config.system_prompt or DEFAULT_SYSTEM_PROMPT
                 system = f"{base}\n\nFrom the team's FAQ, use it where it applies:\n{notes}"
             if system:
