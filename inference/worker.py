@@ -370,11 +370,6 @@ class InferenceWorker:
         turns = [t for t in turns if t["role"] != "system"]
         generation = self.generation_for(options)
         faq = list(faq)
-        if faq:
-            # The penalty counts the prompt's tokens, so it steers the model away from the
-            # very words of the entry it should repeat: on SmolLM2-135M, 2 of 8 questions in
-            # other words carried the key fact with it, 6 of 8 without (docs/BENCHMARKS.md).
-            generation = replace(generation, repetition_penalty=1.0)
         limit = min(self.options.max_prompt_tokens, self.chatbot.context_length - 1)
         while True:
             messages = [*turns, {"role": "user", "content": text}]
@@ -389,6 +384,12 @@ class InferenceWorker:
                 messages.insert(0, {"role": "system", "content": system})
             prompt_ids, config = self.chatbot.prepare(messages, generation)
             if len(prompt_ids) <= limit:
+                if faq:
+                    # The penalty counts the prompt's tokens, so it steers the model away from
+                    # the very words of the entry it should repeat: on SmolLM2-135M, 2 of 8
+                    # questions in other words carried the key fact with it, 6 of 8 without
+                    # (docs/BENCHMARKS.md).
+                    config = replace(config, repetition_penalty=1.0)
                 return prompt_ids, config
             if turns:
                 turns = turns[2:]

@@ -288,8 +288,17 @@ def test_close_questions_are_answered_from_the_faq_others_get_it_as_context(
     )
     [(hit_entry, context)] = worker.ground([Delivery(near, "0-1", 1)]).values()
     assert hit_entry is None and [e.question for e in context] == [RESET]
-    prompt = worker.chatbot.tokenizer.decode(worker.prompt("c", near.text, context)[0])
+    prompt_ids, config = worker.prompt("c", near.text, context)
+    prompt = worker.chatbot.tokenizer.decode(prompt_ids)
     assert f"Q: {RESET}\nA: Send /reset." in prompt and near.text in prompt
+    # ... decoded without the repetition penalty, which would push it off the entry's words;
+    assert config.repetition_penalty == 1.0
+    assert worker.prompt("c", near.text)[1].repetition_penalty == 1.1  # no context: as set
+    # with several entries, the closest goes last, next to the question.
+    two = [entry for entry, _ in faq.match([near.text], k=2)[0]]
+    assert [e.question for e in two] == [RESET, WIFI]
+    prompt = worker.chatbot.tokenizer.decode(worker.prompt("c", near.text, two)[0])
+    assert prompt.index(f"Q: {WIFI}") < prompt.index(f"Q: {RESET}") < prompt.rindex(near.text)
 
     # A 👍 on the model's answer names the pair the worker remembered: it becomes a candidate.
     exchange = faq.answered(near.id)

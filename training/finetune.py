@@ -500,10 +500,11 @@ def _rouge(
     model.eval()
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device  # the Trainer may have moved it to a GPU
     for conv in convs:
         ids = encoder.prompt_ids(conv[:-1])
-        prompt = torch.tensor([ids])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        prompt = torch.tensor([ids], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(
                 input_ids=prompt,
                 attention_mask=torch.ones_like(prompt),
