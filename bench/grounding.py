@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,85 +84,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "grounding.json"))
     args = parser.parse_args(argv)
 
-    import redis
-
     spec = importlib.util.spec_from_file_location("bench_retrain", BENCH_DIR / "retrain.py")
     bench_retrain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_retrain)
 
-    from bot.bus import Bus
-    from bot.commands import CommandContext, Stores, dispatch
-    from bot.config import load_settings
-    from bot.connection import EmbeddedRedis
-    from bot.memory import ConversationMemory
+    from bot.commands import dispatch
     from inference.worker import FAQ_PREFIX
 
     data = json.loads(DATA.read_text())
     results: dict[str, Any] = {"args": vars(args), "runs": {}}
-    with tempfile.TemporaryDirectory(prefix="sprbot-bench-grounding-") as tmp:
-        data_dir = Path(tmp) / "data"
-        if args.model:
-            model = args.model
-        else:
-            from bot.demo import DEMO_NAME, demo_gguf
-            from inference.gguf import import_gguf
-
-            model = str(import_gguf(demo_gguf(), data_dir=data_dir, name=DEMO_NAME))
-        results["model"] = model
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "SPRBOT_DATA_DIR": str(data_dir),
-            "SPRBOT_MODEL": model,
-            "SPRBOT_CONSOLE_ADMINS": ADMIN,
-            "SPRBOT_DO_SAMPLE": "false",
-            "SPRBOT_MAX_NEW_TOKENS": str(args.new_tokens),
-            "SPRBOT_LOG_LEVEL": "WARNING",
-            "SPRBOT_METRICS_PORT": "0",
-        }
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("SPRBOT_", "HF_"))})
-        server = EmbeddedRedis(data_dir)
-        server.ensure_running()
-        try:
-            settings = load_settings()
-            client = redis.Redis.from_url(server.url)
-            bus = Bus(client, max_backlog=settings.max_backlog)
-            stores = Stores.build(settings, client)
-            admin = CommandContext(
-                CHANNEL, "console/bench", ADMIN, ConversationMemory(client), stores=stores
-            )
-            for item in data["faq"]:
-                reply = dispatch(f"/faq add {item['question']} | {item['answer']}", admin)
-                if not reply.startswith("Added"):
-                    raise RuntimeError(reply)
-            for run, overrides in RUNS.items():
-                print(f"run {run}...", file=sys.stderr)
-                worker = bench_retrain.sprbot("worker", "inference", env={**env, **overrides})
-                try:
-                    bench_retrain.wait_for(
-                        lambda w=worker: bench_retrain.heartbeat_version(client, w.pid),
-                        600,
-                        "the worker",
-                    )
-                    results["runs"][run] = {"settings": overrides}
-                    for field, items in SETS:
-                        rows = []
-                        for item in data[items]:
-                            answer = ask(bus, item[field])
-                            rows.append(
-                                {
-                                    "question": item[field],
-                                    "answer": answer,
-                                    "right": right(answer, item["key"]),
-                                    "from_faq": answer.startswith(FAQ_PREFIX),
-                                }
-                            )
-                        results["runs"][run][field if items == "faq" else "general"] = rows
-                finally:
-                    worker.terminate()
-                    worker.wait(timeout=120)
-        finally:
-            server.stop()
+    with bench_retrain.bench_stack(
+        "sprbot-bench-grounding-", args.model, SPRBOT_MAX_NEW_TOKENS=str(args.new_tokens)
+    ) as stack:
+        results["model"] = stack.model
+        for item in data["faq"]:
+            reply = dispatch(f"/faq add {item['question']} | {item['answer']}", stack.admin)
+            if not reply.startswith("Added"):
+                raise RuntimeError(reply)
+        for run, overrides in RUNS.items():
+            print(f"run {run}...", file=sys.stderr)
+            worker = bench_retrain.sprbot("worker", "inference", env={**stack.env, **overrides})
+            try:
+                bench_retrain.wait_for(
+                    lambda w=worker: bench_retrain.heartbeat_version(stack.client, w.pid),
+                    600,
+                    "the worker",
+                )
+                results["runs"][run] = {"settings": overrides}
+                for field, items in SETS:
+                    rows = []
+                    for item in data[items]:
+                        answer = ask(stack.bus, item[field])
+                        rows.append(
+                            {
+                                "question": item[field],
+                                "answer": answer,
+                                "right": right(answer, item["key"]),
+                                "from_faq": answer.startswith(FAQ_PREFIX),
+                            }
+                        )
+                    results["runs"][run][field if items == "faq" else "general"] = rows
+            finally:
+                bench_retrain.stop([worker])
 
     def count(rows: list[dict], key: str = "right") -> str:
         return f"{sum(r[key] for r in rows)}/{len(rows)}"

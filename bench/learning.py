@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,61 +88,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "learning.json"))
     args = parser.parse_args(argv)
 
-    import redis
-
     # The process helpers of bench/retrain.py (bench/ is not a package).
     spec = importlib.util.spec_from_file_location("bench_retrain", BENCH_DIR / "retrain.py")
     bench_retrain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_retrain)
 
-    from bot.commands import CommandContext, Stores, dispatch
-    from bot.config import load_settings
-    from bot.connection import EmbeddedRedis
-    from bot.memory import ConversationMemory
+    from bot.commands import dispatch
     from bot.registry import ModelRegistry
     from inference import LoadingModelConfig, PipelineConfig
-    from training.jobs import TrainingQueue
 
     data = json.loads(DATA.read_text())
     results: dict[str, Any] = {"args": vars(args)}
-    with tempfile.TemporaryDirectory(prefix="sprbot-bench-learning-") as tmp:
-        data_dir = Path(tmp) / "data"
-        if args.model:
-            model = args.model
-        else:
-            from bot.demo import DEMO_NAME, demo_gguf
-            from inference.gguf import import_gguf
-
-            model = str(import_gguf(demo_gguf(), data_dir=data_dir, name=DEMO_NAME))
+    overrides = {"SPRBOT_FAQ_GROUNDING": "off"}
+    if args.lr is not None:
+        overrides["SPRBOT_TRAIN_LEARNING_RATE"] = str(args.lr)
+    if args.epochs is not None:
+        overrides["SPRBOT_TRAIN_EPOCHS"] = str(args.epochs)
+    if args.no_replay:
+        overrides["SPRBOT_TRAIN_REPLAY"] = "false"
+    if args.lora_layers:
+        overrides["SPRBOT_TRAIN_LORA_LAYERS"] = args.lora_layers
+    with bench_retrain.bench_stack("sprbot-bench-learning-", args.model, **overrides) as stack:
+        model, env, client, admin = stack.model, stack.env, stack.client, stack.admin
+        data_dir, settings = stack.data_dir, stack.settings
         results["model"] = model
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "SPRBOT_DATA_DIR": str(data_dir),
-            "SPRBOT_MODEL": model,
-            "SPRBOT_FAQ_GROUNDING": "off",
-            "SPRBOT_CONSOLE_ADMINS": ADMIN,
-            "SPRBOT_DO_SAMPLE": "false",
-            "SPRBOT_LOG_LEVEL": "WARNING",
-            "SPRBOT_METRICS_PORT": "0",  # the workers would contend for the default port
-        }
-        if args.lr is not None:
-            env["SPRBOT_TRAIN_LEARNING_RATE"] = str(args.lr)
-        if args.epochs is not None:
-            env["SPRBOT_TRAIN_EPOCHS"] = str(args.epochs)
-        if args.no_replay:
-            env["SPRBOT_TRAIN_REPLAY"] = "false"
-        if args.lora_layers:
-            env["SPRBOT_TRAIN_LORA_LAYERS"] = args.lora_layers
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("SPRBOT_", "HF_"))})
-        server = EmbeddedRedis(data_dir)
-        server.ensure_running()
-        settings = load_settings()
-        client = redis.Redis.from_url(server.url)
-        stores = Stores.build(settings, client, training=TrainingQueue(client, settings))
-        admin = CommandContext(
-            "console-bench", "console/bench", ADMIN, ConversationMemory(client), stores=stores
-        )
         procs = []
         try:
             print("scoring the base model...", file=sys.stderr)
@@ -191,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.new_tokens,
             )
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.terminate()
-                proc.wait(timeout=120)
-            server.stop()
+            bench_retrain.stop(procs)
 
     base_right = [b["right"] for b in before["general"]]
     kept = [

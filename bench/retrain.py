@@ -34,8 +34,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
@@ -70,6 +72,79 @@ def faq_pairs(n: int) -> list[tuple[str, str]]:
 def sprbot(*args: str, env: dict[str, str]) -> subprocess.Popen:
     exe = shutil.which("sprbot", path=str(Path(sys.executable).parent)) or "sprbot"
     return subprocess.Popen([exe, *args], env=env)
+
+
+class Stack(NamedTuple):
+    """What a bench that drives the real processes works against. (A NamedTuple: the other
+    benches load this file by path, unregistered, where a dataclass cannot be built.)"""
+
+    data_dir: Path
+    model: str
+    env: dict[str, str]  # for the sprbot processes it starts
+    settings: Any
+    client: Any
+    bus: Any
+    admin: Any  # a console admin's CommandContext, for /faq add, /retrain, /model use
+
+
+@contextmanager
+def bench_stack(prefix: str, model: str | None, **settings: str) -> Iterator[Stack]:
+    """A temporary data dir with its embedded Redis, the SPRBOT_ settings of the processes a
+    bench starts (``settings`` on top of greedy, quiet defaults; also set in this process), and
+    an admin's command context. ``model`` None: the demo's SmolLM2, imported into that dir."""
+    import redis
+
+    from bot.bus import Bus
+    from bot.commands import CommandContext, Stores
+    from bot.config import load_settings
+    from bot.connection import EmbeddedRedis
+    from bot.memory import ConversationMemory
+    from training.jobs import TrainingQueue
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        data_dir = Path(tmp) / "data"
+        if model is None:
+            from bot.demo import DEMO_NAME, demo_gguf
+            from inference.gguf import import_gguf
+
+            model = str(import_gguf(demo_gguf(), data_dir=data_dir, name=DEMO_NAME))
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "SPRBOT_DATA_DIR": str(data_dir),
+            "SPRBOT_MODEL": str(model),
+            "SPRBOT_CONSOLE_ADMINS": ADMIN,
+            "SPRBOT_DO_SAMPLE": "false",
+            "SPRBOT_LOG_LEVEL": "WARNING",
+            "SPRBOT_METRICS_PORT": "0",  # the workers would contend for the default port
+            **settings,
+        }
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("SPRBOT_", "HF_"))})
+        server = EmbeddedRedis(data_dir)
+        server.ensure_running()
+        try:
+            loaded = load_settings()
+            client = redis.Redis.from_url(server.url)
+            stores = Stores.build(loaded, client, training=TrainingQueue(client, loaded))
+            admin = CommandContext(
+                "console-bench", "console/bench", ADMIN, ConversationMemory(client), stores=stores
+            )
+            bus = Bus(client, max_backlog=4096)
+            yield Stack(data_dir, str(model), env, loaded, client, bus, admin)
+        finally:
+            server.stop()
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate the bench's processes, killing any that does not exit within a minute."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def heartbeat_version(client: Any, pid: int) -> str | None:
@@ -187,42 +262,26 @@ def main(argv: list[str] | None = None) -> int:
     spec.loader.exec_module(bench_inference)
     model = bench_inference.model_dir(args.size)
 
-    from bot.bus import Bus, reply_stream
-    from bot.commands import CommandContext, Stores, dispatch
-    from bot.config import load_settings
-    from bot.connection import EmbeddedRedis
-    from bot.memory import ConversationMemory
+    from bot.bus import reply_stream
+    from bot.commands import dispatch
     from bot.registry import BASE, ModelRegistry
     from bot.schemas import parse_reply
-    from training.jobs import TrainingQueue
 
     results: dict[str, Any] = {"args": vars(args), "model": str(model)}
-    with tempfile.TemporaryDirectory(prefix="sprbot-bench-retrain-") as tmp:
-        data_dir = Path(tmp) / "data"
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "SPRBOT_DATA_DIR": str(data_dir),
-            "SPRBOT_MODEL": str(model),
-            "SPRBOT_FAQ_EMBEDDINGS": "off",
-            "SPRBOT_FAQ_GROUNDING": "off",
-            "SPRBOT_CONSOLE_ADMINS": ADMIN,
-            "SPRBOT_DO_SAMPLE": "false",
-            "SPRBOT_MAX_NEW_TOKENS": str(args.new_tokens),
-            "SPRBOT_COALESCE_TOKENS": "1",
-            "SPRBOT_LOG_LEVEL": "WARNING",
-        }
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("SPRBOT_", "HF_"))})
-        server = EmbeddedRedis(data_dir)
-        server.ensure_running()
-        settings = load_settings()
-        import redis
-
-        client = redis.Redis.from_url(server.url)
-        bus = Bus(client, max_backlog=4096)
-        stores = Stores.build(settings, client, training=TrainingQueue(client, settings))
-        admin = CommandContext(
-            "console-bench", "console/bench", ADMIN, ConversationMemory(client), stores=stores
+    with bench_stack(
+        "sprbot-bench-retrain-",
+        str(model),
+        SPRBOT_FAQ_EMBEDDINGS="off",
+        SPRBOT_FAQ_GROUNDING="off",
+        SPRBOT_MAX_NEW_TOKENS=str(args.new_tokens),
+        SPRBOT_COALESCE_TOKENS="1",
+    ) as stack:
+        data_dir, env, client, bus, admin = (
+            stack.data_dir,
+            stack.env,
+            stack.client,
+            stack.bus,
+            stack.admin,
         )
         procs: list[subprocess.Popen] = []
         try:
@@ -332,15 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 "swap": cost(swaps),  # the swap and the second after it
             }
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            server.stop()
+            stop(procs)
 
     r, s = results["retrain"], results["swap"]
     print(f"/retrain on {args.pairs} FAQ pairs, {args.size} model, promoted {r['version']}")

@@ -60,6 +60,18 @@ def smollm2(smollm2_import: Path, data_dir: Path) -> Path:
 
 
 @pytest.fixture
+def smollm2_env(smollm2: Path, data_dir: Path, embedded_redis, monkeypatch) -> Path:
+    """The settings of a test on the real model: it serves, logs quietly, and the admin of
+    ``test_retrain.context`` may run admin commands. Returns the data dir."""
+    from test_retrain import ADMIN
+
+    monkeypatch.setenv("SPRBOT_MODEL", str(smollm2))
+    monkeypatch.setenv("SPRBOT_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("SPRBOT_CONSOLE_ADMINS", ADMIN)
+    return data_dir
+
+
+@pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SPRBOT_DATA_DIR", str(tmp_path / "data"))
     return tmp_path / "data"

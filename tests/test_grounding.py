@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
-from test_retrain import ADMIN, add_faq
-from test_worker import Workers, ask, collect
+from test_registry import answer
+from test_retrain import add_faq
+from test_worker import Workers
 
 from bot.bus import Bus
 from bot.config import load_settings
@@ -25,29 +26,20 @@ FACTS = TEAM["faq"]
 
 
 @pytest.fixture
-def env(smollm2, data_dir, embedded_redis, monkeypatch):
+def env(smollm2_env, monkeypatch):
     for key, value in {
-        "SPRBOT_MODEL": str(smollm2),
-        "SPRBOT_LOG_LEVEL": "WARNING",
-        "SPRBOT_CONSOLE_ADMINS": ADMIN,
         "SPRBOT_DO_SAMPLE": "false",
         "SPRBOT_MAX_NEW_TOKENS": "64",
         # Above every reworded question's cosine (at most 0.96): the model must answer each.
         "SPRBOT_FAQ_THRESHOLD": "0.99",
     }.items():
         monkeypatch.setenv(key, value)
-    return data_dir
+    return smollm2_env
 
 
 def replies(bus: Bus, questions: list[str]) -> list[str]:
     """The final reply to each question, asked one at a time in fresh conversations."""
-    out = []
-    for question in questions:
-        request, result = ask(bus, question)
-        assert result.accepted
-        [final] = [e for e in collect(bus, {request.id})[request.id] if e.kind == "final"]
-        out.append(final.text)
-    return out
+    return [answer(bus, question) for question in questions]
 
 
 def carried(answers: list[str]) -> int:

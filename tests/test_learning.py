@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_retrain import ADMIN, add_faq, admin_events, context, job_id_of, training_workers
+from test_retrain import add_faq, admin_events, context, job_id_of, training_workers
 
 from bot.bus import Bus
 from bot.commands import dispatch
@@ -30,15 +30,9 @@ GENERAL_LOST_AT_MOST = 1
 
 
 @pytest.fixture
-def env(smollm2, data_dir, embedded_redis, monkeypatch):
-    for key, value in {
-        "SPRBOT_MODEL": str(smollm2),
-        "SPRBOT_LOG_LEVEL": "WARNING",
-        "SPRBOT_CONSOLE_ADMINS": ADMIN,
-        "SPRBOT_FAQ_GROUNDING": "off",
-    }.items():
-        monkeypatch.setenv(key, value)
-    return data_dir
+def env(smollm2_env, monkeypatch):
+    monkeypatch.setenv("SPRBOT_FAQ_GROUNDING", "off")
+    return smollm2_env
 
 
 @pytest.fixture

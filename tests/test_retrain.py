@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from rq import Queue
-from test_registry import serving
-from test_worker import Workers, ask, collect
+from test_registry import answer, serving
+from test_worker import Workers
 
 from adapters.console import ConsoleChannel
 from bot.audit import AuditLog
@@ -129,8 +129,8 @@ def context(bus: Bus, user: str = ADMIN) -> CommandContext:
 
 def add_faq(bus: Bus, pairs=FAQ) -> None:
     admin = context(bus)
-    for question, answer in pairs:
-        reply = dispatch(f"/faq add {question} | {answer}", admin)
+    for question, reference in pairs:
+        reply = dispatch(f"/faq add {question} | {reference}", admin)
         assert reply.startswith("Added"), reply
 
 
@@ -160,7 +160,7 @@ def test_faq_to_retrain_to_hot_swap_then_the_bot_gives_the_trained_answers(
     bus, env, workers, trainers
 ):
     worker = workers.start()
-    before = {q: _answer(bus, q) for q, _ in FAQ}
+    before = {q: answer(bus, q) for q, _ in FAQ}
     assert not any(before[q] == a for q, a in FAQ), "the untrained model already knows them"
 
     add_faq(bus)
@@ -192,7 +192,7 @@ def test_faq_to_retrain_to_hot_swap_then_the_bot_gives_the_trained_answers(
     assert recalled >= 7 and record.metrics["serving"]["faq_recall"] == 0, record.metrics
 
     serving(bus, worker, "v1", timeout=120)
-    after = {q: _answer(bus, q) for q, _ in FAQ}
+    after = {q: answer(bus, q) for q, _ in FAQ}
     right = [q for q, a in FAQ if after[q] == a]
     # What users get through the bus is what the job's evaluation measured.
     assert len(right) == recalled, after
@@ -200,13 +200,6 @@ def test_faq_to_retrain_to_hot_swap_then_the_bot_gives_the_trained_answers(
     assert status.startswith("No retrain is running. The last one: job " + job_id), status
     assert "promoted v1 (was base)" in status
     assert bus.redis.get(RUNNING) is None
-
-
-def _answer(bus: Bus, question: str) -> str:
-    request, result = ask(bus, question)
-    assert result.accepted
-    [final] = [e for e in collect(bus, {request.id})[request.id] if e.kind == "final"]
-    return final.text
 
 
 def test_a_non_admin_retrain_is_refused_enqueues_nothing_and_is_audited(bus, env):
